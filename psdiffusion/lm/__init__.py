@@ -1,0 +1,1 @@
+"""Power-sampling decoding for transformers causal language models."""
