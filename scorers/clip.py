@@ -223,6 +223,8 @@ class CLIPScorer(Scorer):
         model_name: open_clip model name, `local-dir:/path` or `hf-hub:org/repo`;
             leave None when passing `backbone`.
         pretrained: a pretrained tag or a local checkpoint path, for a plain model name.
+            A tag sets QuickGELU when its weights need it, but a path cannot say so:
+            load OpenAI weights from a file as "ViT-B-32-quickgelu", "ViT-L-14-quickgelu", ...
         backbone: an OpenCLIPBackbone to share with another scorer.
         device, precision, text_cache_size: passed to OpenCLIPBackbone.
         max_batch_size: see Scorer.
