@@ -1,1 +1,6 @@
 """Diffusers pipelines with power sampling, loadable with ``custom_pipeline=``."""
+
+from .pipeline_power_sampling_sd import PowerSamplingStableDiffusionPipeline
+from .power_sampling_utils import PipelineBudget, PowerSamplingPipelineOutput
+
+__all__ = ["PipelineBudget", "PowerSamplingPipelineOutput", "PowerSamplingStableDiffusionPipeline"]

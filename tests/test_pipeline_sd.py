@@ -1,0 +1,205 @@
+"""PowerSamplingStableDiffusionPipeline on tiny seeded components (32x32 images, offline)."""
+
+import json
+import string
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from psdiffusion.core import PowerSamplingConfig
+from psdiffusion.pipelines import PowerSamplingStableDiffusionPipeline
+from psdiffusion.scorers import CallableScorer
+
+
+def write_tiny_tokenizer(folder):
+    """Write a character-level CLIP BPE vocabulary (no merges beyond a few) and load it."""
+    letters = list(string.ascii_lowercase)
+    tokens = letters + [c + "</w>" for c in letters] + ["ca", "cat</w>", "<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+def tiny_sd_components(tokenizer_folder, scheduler=None):
+    """Seeded SD components: 2-block UNet (32, 64), 2-layer CLIP text encoder of width 32, 32x32 images."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=16,
+        attention_head_dim=4,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=54, eos_token_id=55, pad_token_id=55, hidden_size=32, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=64, max_position_embeddings=16,
+    ))
+    scheduler = scheduler or DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                           clip_sample=False, steps_offset=1)
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": write_tiny_tokenizer(tokenizer_folder),
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+    }
+
+
+def top_left_brightness(images, prompts):
+    """Reward that depends only on image content: mean brightness of the top-left quarter."""
+    h, w = images.shape[-2] // 2, images.shape[-1] // 2
+    return images[:, :, :h, :w].mean(dim=(1, 2, 3))
+
+
+def brightness_scorer():
+    return CallableScorer(top_left_brightness)
+
+
+def favour_index(index):
+    """Reward 1 for the image at position ``index`` of each scorer call and 0 elsewhere."""
+
+    def reward(images, prompts):
+        rewards = torch.zeros(images.shape[0])
+        rewards[index] = 1.0
+        return rewards
+
+    return CallableScorer(reward, name=f"favour_{index}")
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory):
+    return tiny_sd_components(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture()
+def pipe(components):
+    pipe = PowerSamplingStableDiffusionPipeline(**components, scorer=brightness_scorer(),
+                                                requires_safety_checker=False)
+    pipe.scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, seed=0, **kwargs):
+    options = dict(num_inference_steps=3, guidance_scale=2.0, output_type="np", num_candidates=2,
+                   num_rollouts=2, rollout_steps=2)
+    options.update(kwargs)
+    return pipe("a cat", generator=torch.Generator().manual_seed(seed), **options)
+
+
+def test_output_shapes_trace_and_budget(pipe):
+    output = generate(pipe, num_images_per_prompt=2, num_candidates=3)
+
+    assert output.images.shape == (2, 32, 32, 3)
+    assert output.nsfw_content_detected is None
+    assert [decision.index for decision in output.trace] == [0, 1]
+    first = output.trace[0]
+    assert first.rewards.shape == (2, 3, 2)
+    assert first.log_w.shape == (2, 3, 2)
+    assert first.log_pi.shape == (2, 3)
+    assert first.ess.shape == (2,)
+    assert torch.all((first.ess >= 1.0 - 1e-5) & (first.ess <= 3.0 + 1e-5))
+    assert first.chosen.shape == (2,)
+    assert first.extra["rollouts_deterministic"] is False
+    budget = output.budget
+    assert budget.decisions == 2
+    # 2 images x 3 candidates x 2 rollouts at step 0 (2 rollout steps) and step 1 (1 remaining step, so M = 1).
+    assert budget.scored_images == 12 + 6
+    assert budget.vae_decodes == 12 + 6 + 2
+    assert budget.unet_rows == 2 * (3 * 2 + 12 * 2 + 6)
+    assert 0 < budget.forward_seconds <= budget.seconds
+
+
+def test_same_generator_gives_same_image(pipe):
+    first = generate(pipe, seed=3)
+    second = generate(pipe, seed=3)
+    other = generate(pipe, seed=4)
+
+    assert (first.images == second.images).all()
+    assert [d.chosen.tolist() for d in first.trace] == [d.chosen.tolist() for d in second.trace]
+    assert not (first.images == other.images).all()
+
+
+def test_micro_batch_size_does_not_change_image(pipe):
+    large = generate(pipe, seed=5, max_batch_size=64)
+    small = generate(pipe, seed=5, max_batch_size=2)
+
+    assert small.budget.unet_calls > large.budget.unet_calls
+    assert torch.allclose(torch.from_numpy(small.images), torch.from_numpy(large.images), atol=1e-4)
+
+
+def test_one_candidate_reproduces_base_pipeline(pipe, components):
+    base = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    base.scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    base.set_progress_bar_config(disable=True)
+    expected = base("a cat", num_inference_steps=3, guidance_scale=2.0, output_type="np",
+                    generator=torch.Generator().manual_seed(1)).images
+
+    output = generate(pipe, seed=1, num_candidates=1, num_rollouts=1, rollout_steps=1)
+
+    assert len(output.trace) == 2
+    assert all(d.chosen.tolist() == [0] for d in output.trace)
+    assert abs(output.images - expected).max() < 1e-5
+
+
+def test_one_rollout_runs_plain_estimator(pipe):
+    output = generate(pipe, num_rollouts=1, rollout_steps=1)
+
+    assert all(d.num_rollouts == 1 for d in output.trace)
+    assert all(d.extra["rollouts_deterministic"] for d in output.trace)
+
+
+def test_deterministic_rollouts_run_once_and_warn(pipe, caplog):
+    with caplog.at_level("WARNING"):
+        output = generate(pipe, num_rollouts=3, rollout_steps=1)
+
+    assert all(d.rewards.shape[-1] == 1 for d in output.trace)
+    assert "rollouts are deterministic" in caplog.text
+
+
+@pytest.mark.parametrize("favoured", [0, 2])
+def test_argmax_picks_the_rewarded_candidate(pipe, favoured):
+    config = PowerSamplingConfig(num_candidates=3, num_rollouts=1, rollout_length=1, alpha=1.0, lam=0.1,
+                                 estimator="plain", selection="argmax")
+    output = generate(pipe, power_sampling_config=config, scorer=favour_index(favoured), num_candidates=None,
+                      num_rollouts=None, rollout_steps=None)
+
+    assert [d.chosen.tolist() for d in output.trace] == [[favoured], [favoured]]
+
+
+def test_chosen_candidate_becomes_the_image(pipe):
+    # With one guided step right before the last DDPM step, the last step lands on the
+    # one-step x0 rollout of the chosen candidate, so the image must score like that rollout.
+    config = PowerSamplingConfig(num_candidates=4, num_rollouts=1, rollout_length=1, alpha=1.0, lam=0.05,
+                                 estimator="plain", selection="argmax")
+    output = generate(pipe, power_sampling_config=config, guided_steps=[1], output_type="pt",
+                      num_candidates=None, num_rollouts=None, rollout_steps=None)
+
+    decision = output.trace[0]
+    chosen = int(decision.chosen[0])
+    image_reward = float(top_left_brightness(output.images, ["a cat"])[0])
+    assert chosen == int(decision.rewards[0, :, 0].argmax())
+    assert abs(image_reward - float(decision.rewards[0, chosen, 0])) < 1e-3
+    assert decision.rewards[0, :, 0].unique().numel() == 4
