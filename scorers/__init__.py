@@ -5,6 +5,7 @@ from .base import CallableScorer, Scorer, TextScorer, validate_images
 from .build import SPEC_FORMS, build_scorer
 from .clip import CLIPScorer, OpenCLIPBackbone
 from .composite import CompositeScorer, standardize_sets
+from .pickscore import HFCLIPScorer, PickScoreScorer
 from .preprocess import ImagePreprocessConfig, preprocess_images
 
 __all__ = [
@@ -13,8 +14,10 @@ __all__ = [
     "CallableScorer",
     "CLIPScorer",
     "CompositeScorer",
+    "HFCLIPScorer",
     "ImagePreprocessConfig",
     "OpenCLIPBackbone",
+    "PickScoreScorer",
     "SPEC_FORMS",
     "Scorer",
     "TextScorer",

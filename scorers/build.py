@@ -11,8 +11,11 @@ from .aesthetic import DEFAULT_AESTHETIC_CLIP, AestheticScorer
 from .base import Scorer
 from .clip import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, CLIPScorer, OpenCLIPBackbone
 from .composite import CompositeScorer
+from .pickscore import PICKSCORE_PROCESSOR, PickScoreScorer
 
-SCORER_KINDS = ("clip", "aesthetic")
+SCORER_KINDS = ("clip", "aesthetic", "pickscore")
+
+_PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 SPEC_FORMS = """accepted scorer specs:
   clip:MODEL/TAG             open_clip model and pretrained tag, e.g. clip:ViT-B-32/openai
@@ -21,8 +24,10 @@ SPEC_FORMS = """accepted scorer specs:
   clip:hf-hub:ORG/REPO       open_clip model on the Hugging Face hub
   aesthetic:HEAD             LAION improved aesthetic head (.pth/.safetensors path or hf-hub:ORG/REPO/FILE)
                              on CLIP `aesthetic_clip` (default ViT-L-14/openai)
-  A+B                        weighted sum of components; '+' starts a new component only before 'clip:'
-                             or 'aesthetic:', so file names like sac+logos+ava1-l14-linearMSE.pth stay whole
+  pickscore:MODEL            PickScore (hub id yuvalkirstain/PickScore_v1 or a local folder), with the
+                             tokenizer and image processor of `pickscore_processor`
+  A+B                        weighted sum of components; '+' starts a new component only before 'clip:',
+                             'aesthetic:' or 'pickscore:', so file names like sac+logos+ava1-l14-linearMSE.pth stay whole
   COMPONENT@W                weight W of a component in a sum (default 1), e.g. clip:ViT-B-32/openai+aesthetic:h.pth@0.1"""
 
 _COMPONENT_SPLIT = re.compile(r"\+(?=(?:%s):)" % "|".join(SCORER_KINDS))
@@ -62,6 +67,7 @@ def build_scorer(
     set_size: Optional[int] = None,
     aesthetic_clip: str = "/".join(DEFAULT_AESTHETIC_CLIP),
     clip_negative: bool = False,
+    pickscore_processor: str = PICKSCORE_PROCESSOR,
 ) -> Scorer:
     """Build a scorer from a spec string (see SPEC_FORMS); unknown specs raise ValueError listing the forms.
 
@@ -78,6 +84,8 @@ def build_scorer(
             "MODEL//path" or "local-dir:DIR"; for a local copy of the OpenAI
             weights use "ViT-L-14-quickgelu//path/to/open_clip_model.safetensors".
         clip_negative: clip CLIP cosines at 0 (see CLIPScorer).
+        pickscore_processor: hub id or local folder of PickScore's tokenizer and
+            image processor.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise _invalid_spec(str(spec), "the spec is empty")
@@ -102,8 +110,15 @@ def build_scorer(
             scorer = CLIPScorer(
                 backbone=backbone_for(argument), max_batch_size=max_batch_size, clip_negative=clip_negative
             )
-        else:
+        elif kind == "aesthetic":
             scorer = AestheticScorer(argument, backbone=backbone_for(aesthetic_clip), max_batch_size=max_batch_size)
+        else:
+            if precision not in _PRECISION_DTYPES:
+                raise ValueError(f"precision for pickscore must be one of {list(_PRECISION_DTYPES)}, got {precision!r}")
+            scorer = PickScoreScorer(
+                argument, pickscore_processor, device=device, dtype=_PRECISION_DTYPES[precision],
+                max_batch_size=max_batch_size,
+            )
         scorers.append(scorer)
         weights.append(1.0 if weight is None else weight)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Union
 
@@ -16,6 +15,7 @@ from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_p
 from torch import nn
 
 from .base import Scorer
+from .cache import PromptEmbeddingCache
 from .preprocess import ImagePreprocessConfig, preprocess_images
 
 logger = logging.getLogger(__name__)
@@ -118,14 +118,13 @@ class OpenCLIPBackbone(nn.Module):
         text_cache_size: int = 4096,
     ):
         super().__init__()
-        if text_cache_size < 0:
-            raise ValueError(f"text_cache_size must be >= 0, got {text_cache_size}")
+        self.text_cache = PromptEmbeddingCache(self._encode_prompt, text_cache_size)
         tag_cfg = _check_name_and_pretrained(model_name, pretrained)
         if pretrained is None and not model_name.startswith((LOCAL_DIR_PREFIX, HF_HUB_PREFIX)):
             logger.warning("CLIP model %s has random weights: pass pretrained= to load trained ones", model_name)
 
-        # Tags such as "openai" were trained with QuickGELU; open_clip only warns
-        # when the config lacks it, which would give wrong embeddings.
+        # The weights of tags such as "openai" were trained with QuickGELU. open_clip
+        # 3.3.0 only warns when the model config lacks it, and then embeds wrongly.
         force_quick_gelu = bool(tag_cfg and tag_cfg.get("quick_gelu", False))
         self.model = open_clip.create_model(
             model_name, pretrained=pretrained, device=device, precision=precision, force_quick_gelu=force_quick_gelu
@@ -135,11 +134,6 @@ class OpenCLIPBackbone(nn.Module):
         self.model_name = model_name
         self.pretrained = pretrained
         self.preprocess_config = ImagePreprocessConfig.from_open_clip(open_clip.get_model_preprocess_cfg(self.model))
-
-        self.text_cache_size = text_cache_size
-        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.cache_hits = 0
-        self.cache_misses = 0
 
     @property
     def embed_dim(self) -> int:
@@ -162,11 +156,8 @@ class OpenCLIPBackbone(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # Cached text embeddings live on the old device and dtype.
-        self.clear_text_cache()
+        self.text_cache.clear()
         return super()._apply(fn, *args, **kwargs)
-
-    def clear_text_cache(self) -> None:
-        self._text_cache.clear()
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Turn images (B, 3, H, W) in [0, 1] into model input (B, 3, h, w) on the model's device and dtype."""
@@ -180,25 +171,9 @@ class OpenCLIPBackbone(nn.Module):
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Return L2-normalised text embeddings (B, D) in float32, from the cache where possible."""
-        embeddings = []
-        for prompt in prompts:
-            cached = self._text_cache.get(prompt)
-            if cached is None:
-                self.cache_misses += 1
-                cached = self._encode_prompt(prompt)
-                if self.text_cache_size > 0:
-                    self._text_cache[prompt] = cached
-                    if len(self._text_cache) > self.text_cache_size:
-                        self._text_cache.popitem(last=False)
-            else:
-                self.cache_hits += 1
-                self._text_cache.move_to_end(prompt)
-            embeddings.append(cached)
-        return torch.stack(embeddings)  # (B, D)
+        return self.text_cache.lookup(prompts)
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
-        # One prompt at a time: a text embedding then never depends on which other
-        # prompts were encoded with it, so rewards do not depend on call order.
         tokens = self.tokenizer([prompt]).to(self.device)  # (1, T)
         features = self.model.encode_text(tokens)  # (1, D)
         return F.normalize(features.float(), dim=-1)[0]
@@ -223,7 +198,7 @@ class CLIPScorer(Scorer):
         model_name: open_clip model name, `local-dir:/path` or `hf-hub:org/repo`;
             leave None when passing `backbone`.
         pretrained: a pretrained tag or a local checkpoint path, for a plain model name.
-            A tag sets QuickGELU when its weights need it, but a path cannot say so:
+            A tag sets QuickGELU when its weights need it, but a path carries no such flag, so
             load OpenAI weights from a file as "ViT-B-32-quickgelu", "ViT-L-14-quickgelu", ...
         backbone: an OpenCLIPBackbone to share with another scorer.
         device, precision, text_cache_size: passed to OpenCLIPBackbone.

@@ -78,3 +78,46 @@ def save_tiny_clip_dir(directory: Union[str, Path], seed: int = 0, **config_kwar
     state_dict = {key: value.contiguous() for key, value in model.state_dict().items()}
     save_file(state_dict, str(directory / "open_clip_model.safetensors"))
     return directory
+
+
+def save_tiny_hf_clip_dir(directory: Union[str, Path], seed: int = 0, image_size: int = 32) -> Path:
+    """Save a seeded tiny transformers CLIPModel with a character-level tokenizer and image processor.
+
+    The folder loads with HFCLIPScorer(DIR) or PickScoreScorer(DIR, DIR).
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    # A byte-pair vocabulary of single letters and no merges: enough to tokenize lowercase prompts.
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab[letter] = len(vocab)
+        vocab[letter + "</w>"] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
+    tokenizer.save_pretrained(directory)
+
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "image_size": image_size, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2,
+        },
+        projection_dim=16,
+    )
+    model = reinitialize_(CLIPModel(config), seed)
+    model.save_pretrained(directory)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(open_clip.OPENAI_DATASET_MEAN),
+        image_std=list(open_clip.OPENAI_DATASET_STD),
+    ).save_pretrained(directory)
+    return directory

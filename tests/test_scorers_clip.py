@@ -90,12 +90,12 @@ def test_clip_scorer_caches_text_embeddings_per_prompt(scorer):
     images = random_images(6)
 
     scorer(images, ["a", "b", "a", "a", "b", "c"])
-    assert backbone.cache_misses == 3
-    assert backbone.cache_hits == 3
+    assert backbone.text_cache.misses == 3
+    assert backbone.text_cache.hits == 3
 
     scorer(images, "a")
-    assert backbone.cache_misses == 3
-    assert backbone.cache_hits == 9
+    assert backbone.text_cache.misses == 3
+    assert backbone.text_cache.hits == 9
 
 
 def test_clip_scorer_text_cache_evicts_least_recent_prompt(tiny_clip_dir):
@@ -106,8 +106,8 @@ def test_clip_scorer_text_cache_evicts_least_recent_prompt(tiny_clip_dir):
         scorer(images, prompt)
 
     # "b" was evicted when "c" arrived ("a" had been used more recently).
-    assert list(scorer.backbone._text_cache) == ["a", "b"]
-    assert scorer.backbone.cache_misses == 4
+    assert list(scorer.backbone.text_cache.entries) == ["a", "b"]
+    assert scorer.backbone.text_cache.misses == 4
 
 
 def test_clip_scorer_moves_to_dtype_and_clears_cache(scorer):
@@ -119,7 +119,7 @@ def test_clip_scorer_moves_to_dtype_and_clears_cache(scorer):
 
     assert scorer.backbone.dtype == torch.float64
     assert rewards.dtype == torch.float32
-    assert scorer.backbone.cache_misses == 2  # the cache was cleared by .to()
+    assert scorer.backbone.text_cache.misses == 2  # the cache was cleared by .to()
     torch.testing.assert_close(rewards, reference, rtol=1e-4, atol=1e-3)
 
 
@@ -246,4 +246,4 @@ def test_clip_scorers_share_one_backbone(tiny_clip_dir):
     second(images, "shared")
 
     assert first.backbone is second.backbone
-    assert backbone.cache_misses == 1
+    assert backbone.text_cache.misses == 1

@@ -6,12 +6,13 @@ import torch
 from psdiffusion.scorers import (
     AestheticScorer,
     CallableScorer,
+    PickScoreScorer,
     CLIPScorer,
     CompositeScorer,
     build_scorer,
     standardize_sets,
 )
-from psdiffusion.scorers.testing import register_tiny_clip_config, save_tiny_clip_dir
+from psdiffusion.scorers.testing import register_tiny_clip_config, save_tiny_clip_dir, save_tiny_hf_clip_dir
 
 
 def mean_red(images, prompts):
@@ -170,10 +171,24 @@ def test_build_scorer_standardize_wraps_single_component(wide_clip_dir):
     assert abs(rewards.mean().item()) < 1e-5
 
 
+def test_build_scorer_pickscore_with_clip(tmp_path, wide_clip_dir):
+    pickscore_dir = save_tiny_hf_clip_dir(tmp_path / "pickscore", seed=6)
+
+    scorer = build_scorer(
+        f"pickscore:{pickscore_dir}@2+clip:local-dir:{wide_clip_dir}", pickscore_processor=str(pickscore_dir)
+    )
+
+    pickscore, clip = scorer.scorers
+    assert isinstance(pickscore, PickScoreScorer)
+    assert isinstance(clip, CLIPScorer)
+    images = random_images(2)
+    torch.testing.assert_close(scorer(images, "a"), 2 * pickscore(images, "a") + clip(images, "a"))
+
+
 @pytest.mark.parametrize(
     "spec, reason",
     [
-        ("pickscore:yuvalkirstain/PickScore_v1", "unknown scorer kind"),
+        ("imagereward:ImageReward-v1.0", "unknown scorer kind"),
         ("ViT-B-32/openai", "unknown scorer kind"),
         ("clip:ViT-B-32", "needs a pretrained tag or checkpoint path"),
         ("clip:", "clip: needs an argument"),
