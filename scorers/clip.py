@@ -126,9 +126,19 @@ class OpenCLIPBackbone(nn.Module):
         # The weights of tags such as "openai" were trained with QuickGELU. open_clip
         # 3.3.0 only warns when the model config lacks it, and then embeds wrongly.
         force_quick_gelu = bool(tag_cfg and tag_cfg.get("quick_gelu", False))
-        self.model = open_clip.create_model(
-            model_name, pretrained=pretrained, device=device, precision=precision, force_quick_gelu=force_quick_gelu
-        ).eval()
+        try:
+            model = open_clip.create_model(
+                model_name, pretrained=pretrained, device=device, precision=precision, force_quick_gelu=force_quick_gelu
+            )
+        except RuntimeError as error:
+            if not model_name.startswith(HF_HUB_PREFIX):
+                raise
+            # open_clip wraps hub failures, including offline mode, in a RuntimeError.
+            raise FileNotFoundError(
+                f"cannot load open_clip model {model_name}: {_offline_hint()} ({error}); "
+                f"pass 'local-dir:/path' to a folder with open_clip_config.json and the weights instead"
+            ) from error
+        self.model = model.eval()
         self.model.requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.model_name = model_name

@@ -91,6 +91,8 @@ class CompositeScorer(Scorer):
 
     def component_rewards(self, images: torch.Tensor, prompts) -> torch.Tensor:
         """Return each component's raw rewards, shape (N, B) for N scorers."""
+        # TODO: components sharing one OpenCLIPBackbone each encode the images again
+        # (CLIP plus aesthetic runs the image tower twice per call).
         return torch.stack([scorer(images, prompts) for scorer in self.scorers])  # (N, B)
 
     def score_validated(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -154,3 +154,17 @@ def test_text_scorer_rejects_bad_inputs_and_outputs():
         TextScorer(lambda texts, prompts: [0.0], takes_prompts=True)(["a"])
     with pytest.raises(ValueError, match="must be callable"):
         TextScorer("not a function")
+
+
+def test_scorer_accepts_vae_image_processor_output():
+    from diffusers.image_processor import VaeImageProcessor
+
+    generator = torch.Generator().manual_seed(3)
+    decoded = 1.5 * torch.randn(2, 3, 16, 16, generator=generator)  # VAE output, partly outside [-1, 1]
+    images = VaeImageProcessor().postprocess(decoded, output_type="pt")
+
+    rewards = CallableScorer(mean_red)(images, "a prompt")
+
+    assert rewards.shape == (2,)
+    assert rewards.min() >= 0.0
+    assert rewards.max() <= 1.0

@@ -220,6 +220,18 @@ def test_clip_scorer_offline_tag_error():
     assert "local-dir:" in message
 
 
+def test_clip_scorer_offline_hub_model_error():
+    if not is_offline_mode():
+        pytest.skip("run with HF_HUB_OFFLINE=1: without it this would try to download")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "open_clip_config.json"), str):
+        pytest.skip("the model is in the local hub cache, so loading would succeed")
+
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE=1.*local-dir:"):
+        CLIPScorer("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+
+
 def test_clip_scorer_rejects_unknown_tag_and_name(tiny_clip_dir):
     with pytest.raises(ValueError, match="known tags: .*openai"):
         CLIPScorer("ViT-B-32", pretrained="no-such-tag")

@@ -2,8 +2,10 @@
 
 Set PSD_CLIP_VIT_L14 to the OpenAI ViT-L/14 weights as open_clip stores them
 (open_clip_model.safetensors of timm/vit_large_patch14_clip_224.openai) and
-PSD_AESTHETIC_HEAD to sac+logos+ava1-l14-linearMSE.pth, or have
-ViT-B-32/openai in the Hugging Face hub cache.
+PSD_AESTHETIC_HEAD to sac+logos+ava1-l14-linearMSE.pth, PSD_PICKSCORE_DIR and
+PSD_PICKSCORE_PROCESSOR_DIR to save_pretrained folders of PickScore_v1 and
+CLIP-ViT-H-14-laion2B-s32B-b79K, or have ViT-B-32/openai in the Hugging Face
+hub cache.
 """
 
 import os
@@ -11,7 +13,7 @@ import os
 import pytest
 import torch
 
-from psdiffusion.scorers import AestheticScorer, CLIPScorer
+from psdiffusion.scorers import AestheticScorer, CLIPScorer, PickScoreScorer
 
 pytestmark = pytest.mark.slow
 
@@ -58,3 +60,18 @@ def test_aesthetic_vit_l14_scores_in_laion_range():
 
     assert rewards.shape == (2,)
     assert ((rewards > 0) & (rewards < 10)).all()
+
+
+def test_pickscore_prefers_matching_colour():
+    model_dir = os.environ.get("PSD_PICKSCORE_DIR")
+    processor_dir = os.environ.get("PSD_PICKSCORE_PROCESSOR_DIR")
+    if not (model_dir and processor_dir and os.path.isdir(model_dir) and os.path.isdir(processor_dir)):
+        pytest.skip("set PSD_PICKSCORE_DIR and PSD_PICKSCORE_PROCESSOR_DIR to local folders to run")
+    scorer = PickScoreScorer(model_dir, processor_dir)
+    images = solid_images([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+
+    red_prompt = scorer(images, "a plain red square")
+    blue_prompt = scorer(images, "a plain blue square")
+
+    assert red_prompt[0] > blue_prompt[0]
+    assert blue_prompt[1] > red_prompt[1]
