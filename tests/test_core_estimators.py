@@ -18,7 +18,7 @@ from psdiffusion.core import (
 )
 
 
-def test_rollout_weight_is_alpha_minus_one_times_summed_log_prob():
+def test_rollout_weight_uses_summed_log_prob():
     step_log_probs = torch.log(torch.tensor([[[[0.5, 0.25, 0.1], [0.9, 0.9, 0.9]]]]))  # (1, K=1, M=2, S=3)
     log_p_future = step_log_probs.sum(-1)  # (1, 1, 2)
     log_w, nonfinite = rollout_log_weights(log_p_future, alpha=3.0)

@@ -115,7 +115,7 @@ def test_reward_tilt_matches_exact_target(model):
     assert distances[1] < 0.01
 
 
-def test_eos_model_matches_target_and_eos_candidates_have_unit_zeta():
+def test_eos_model_matches_target():
     model = TabularModel(vocab_size=4, horizon=4, eos_token=3, concentration=5.0, seed=1)
     target = exact_target(model, 2.0)
     sampler = sampler_distribution(model, config(alpha=2.0, num_candidates=4, num_rollouts=16), 500,
