@@ -19,10 +19,13 @@ import time
 from typing import Any, Callable, Optional, Union
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from psdiffusion.core import PowerSamplingConfig
 from psdiffusion.pipelines.power_sampling_utils import (
@@ -50,28 +53,30 @@ class PowerSamplingStableDiffusionPipeline(PowerSamplingMixin, StableDiffusionPi
     with `scorer`, and draws the next latent from the reward-tilted distribution
     `pi(c) ∝ p(c) * mean_j exp(r_cj / lam)`. Unguided steps are the base pipeline's steps.
 
-    Components are those of [`StableDiffusionPipeline`] plus:
-        scorer ([`torch.nn.Module`], *optional*):
+    Components are those of [`StableDiffusionPipeline`]. The pipeline also keeps:
+        scorer (`Callable`, *optional*):
             A reward model called as `scorer(images, prompts)` with float images (B, 3, H, W)
             in [0, 1] and a list of B prompts, returning float32 rewards (B,), e.g. a
-            `psdiffusion.scorers.CLIPScorer`. It can also be passed to each call.
+            `psdiffusion.scorers.CLIPScorer`. Pass it to `__init__`, `from_pretrained(..., scorer=...)`,
+            `from_pipe(..., scorer=...)` or to each call. It is not a pipeline component: `pipe.to()`
+            does not move it and `save_pretrained` does not save it, so place it on the pipeline's device.
 
     The main scheduler must be one of DDIM (with `eta > 0` for ancestral candidates),
     DDPM, Euler-ancestral, LCM or TCD (with `eta > 0`).
     """
 
-    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "scorer"]
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder"]
 
     def __init__(
         self,
-        vae,
-        text_encoder,
-        tokenizer,
-        unet,
-        scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: Optional[StableDiffusionSafetyChecker] = None,
+        feature_extractor: Optional[CLIPImageProcessor] = None,
+        image_encoder: Optional[CLIPVisionModelWithProjection] = None,
         scorer: Optional[torch.nn.Module] = None,
         requires_safety_checker: bool = True,
     ):
@@ -86,47 +91,10 @@ class PowerSamplingStableDiffusionPipeline(PowerSamplingMixin, StableDiffusionPi
             image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
-        self.register_modules(scorer=scorer)
-
-    def check_power_sampling_inputs(self, scorer, candidate_mode, eta, generator, num_images, rollout_unet,
-                                    scorer_prompt, prompt):
-        """Raise ValueError on inputs that the power-sampling part of a call cannot use."""
-        check_scheduler(self.scheduler, candidate_mode, eta)
-        if scorer is None:
-            raise ValueError("power sampling needs a scorer: pass scorer= to the call, or register one with "
-                             "from_pretrained(..., scorer=...) or from_pipe(..., scorer=...)")
-        if not callable(scorer):
-            raise ValueError(f"scorer must be callable as scorer(images, prompts), got {type(scorer).__name__}")
-        if isinstance(generator, list) and len(generator) != num_images:
-            raise ValueError(
-                f"generator is a list of {len(generator)} generators, but the call makes {num_images} images "
-                "(batch size x num_images_per_prompt); pass one generator per image or a single generator"
-            )
-        if prompt is None and scorer_prompt is None:
-            raise ValueError("the scorer needs prompt text, but only prompt_embeds were given; pass scorer_prompt")
-        if rollout_unet is not None:
-            for key in ("in_channels", "cross_attention_dim"):
-                if rollout_unet.config[key] != self.unet.config[key]:
-                    raise ValueError(
-                        f"rollout_unet must share the main UNet's latent space and text encoder, but its {key} is "
-                        f"{rollout_unet.config[key]} and the main UNet's is {self.unet.config[key]}"
-                    )
-
-    def scorer_prompts(self, prompt, scorer_prompt, batch_size: int, num_images_per_prompt: int) -> list[str]:
-        """One prompt string per image, in the order of the latent batch."""
-        text = scorer_prompt if scorer_prompt is not None else prompt
-        texts = [text] * batch_size if isinstance(text, str) else list(text)
-        if len(texts) != batch_size:
-            raise ValueError(f"scorer_prompt must be one string or {batch_size} strings, got {len(texts)}")
-        return [t for t in texts for _ in range(num_images_per_prompt)]
-
-    def guidance_embedding(self, unet, guidance_scale: float, device, dtype) -> Optional[torch.Tensor]:
-        """Guidance-scale embedding (1, D) for UNets distilled with one (LCM), else None."""
-        if unet.config.time_cond_proj_dim is None:
-            return None
-        w = torch.tensor([guidance_scale - 1.0])
-        embedding = self.get_guidance_scale_embedding(w, embedding_dim=unet.config.time_cond_proj_dim)
-        return embedding.to(device=device, dtype=dtype)
+        # The scorer is kept as a plain attribute, not a registered component: diffusers'
+        # to(), device and save_pretrained expect ModelMixin-like components with
+        # .device/.dtype, which a scorer (any callable) need not have.
+        self.scorer = scorer
 
     @torch.no_grad()
     def __call__(
@@ -411,7 +379,9 @@ class PowerSamplingStableDiffusionPipeline(PowerSamplingMixin, StableDiffusionPi
                     latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                    available = {"latents": latents, "prompt_embeds": prompt_embeds,
+                                 "negative_prompt_embeds": negative_prompt_embeds}
+                    callback_kwargs = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)

@@ -461,16 +461,45 @@ class PowerSamplingMixin:
     ``scorer``; ``decode_to_unit_images`` may be overridden (SDXL upcasts its VAE).
     """
 
-    # DiffusionPipeline.device and .dtype read `.device` / `.dtype` of every registered
-    # nn.Module; a scorer is an nn.Module that may lack both (and may run in float32
-    # beside a float16 UNet), so the pipeline reports the denoiser's device and dtype.
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
+    def check_power_sampling_inputs(self, scorer, candidate_mode, eta, generator, num_images, rollout_unet,
+                                    scorer_prompt, prompt):
+        """Raise ValueError on inputs that the power-sampling part of a call cannot use."""
+        check_scheduler(self.scheduler, candidate_mode, eta)
+        if scorer is None:
+            raise ValueError("power sampling needs a scorer: pass scorer= to the call, or register one with "
+                             "from_pretrained(..., scorer=...) or from_pipe(..., scorer=...)")
+        if not callable(scorer):
+            raise ValueError(f"scorer must be callable as scorer(images, prompts), got {type(scorer).__name__}")
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators, but the call makes {num_images} images "
+                "(batch size x num_images_per_prompt); pass one generator per image or a single generator"
+            )
+        if prompt is None and scorer_prompt is None:
+            raise ValueError("the scorer needs prompt text, but only prompt_embeds were given; pass scorer_prompt")
+        if rollout_unet is not None:
+            for key in ("in_channels", "cross_attention_dim"):
+                if rollout_unet.config[key] != self.unet.config[key]:
+                    raise ValueError(
+                        f"rollout_unet must share the main UNet's latent space and text encoder, but its {key} is "
+                        f"{rollout_unet.config[key]} and the main UNet's is {self.unet.config[key]}"
+                    )
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+    def scorer_prompts(self, prompt, scorer_prompt, batch_size: int, num_images_per_prompt: int) -> list[str]:
+        """One prompt string per image, in the order of the latent batch."""
+        text = scorer_prompt if scorer_prompt is not None else prompt
+        texts = [text] * batch_size if isinstance(text, str) else list(text)
+        if len(texts) != batch_size:
+            raise ValueError(f"scorer_prompt must be one string or {batch_size} strings, got {len(texts)}")
+        return [t for t in texts for _ in range(num_images_per_prompt)]
+
+    def guidance_embedding(self, unet, guidance_scale: float, device, dtype) -> Optional[torch.Tensor]:
+        """Guidance-scale embedding (1, D) for UNets distilled with one (LCM), else None."""
+        if unet.config.time_cond_proj_dim is None:
+            return None
+        w = torch.tensor([guidance_scale - 1.0])
+        embedding = self.get_guidance_scale_embedding(w, embedding_dim=unet.config.time_cond_proj_dim)
+        return embedding.to(device=device, dtype=dtype)
 
     def decode_to_unit_images(self, latents: torch.Tensor, budget: PipelineBudget) -> torch.Tensor:
         """Decode clean latents (n, C, h, w) into float images (n, 3, H, W) in [0, 1] for the scorer."""
@@ -578,7 +607,8 @@ class PowerSamplingMixin:
         sample_weight = math.sqrt(current_alpha) * (1 - alpha_bar_prev) / (1 - alpha_bar)
         x0_from_eps = -math.sqrt(1 - alpha_bar) / math.sqrt(alpha_bar)
         mean = (x0_weight / math.sqrt(alpha_bar) + sample_weight) * latents + x0_weight * x0_from_eps * eps_pred
-        variance = max((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, 1e-20) if timestep > 0 else 0.0
+        # The step onto the clean latent has zero variance; diffusers' 1e-20 floor there is numerical only.
+        variance = max((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, 1e-20) if prev_timestep >= 0 else 0.0
         return mean, x0_weight * x0_from_eps, math.sqrt(variance)
 
     def rollout_rewards(self, candidates, start_index, num_rollouts, plan: RolloutPlan, scorer, prompts,

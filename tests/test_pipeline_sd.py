@@ -2,15 +2,30 @@
 
 import json
 import string
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    EulerAncestralDiscreteScheduler,
+    LCMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    TCDScheduler,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from psdiffusion.core import PowerSamplingConfig
 from psdiffusion.pipelines import PowerSamplingStableDiffusionPipeline
 from psdiffusion.scorers import CallableScorer
+
+PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipelines" / "pipeline_power_sampling_sd.py"
 
 
 def write_tiny_tokenizer(folder):
@@ -203,3 +218,145 @@ def test_chosen_candidate_becomes_the_image(pipe):
     assert chosen == int(decision.rewards[0, :, 0].argmax())
     assert abs(image_reward - float(decision.rewards[0, chosen, 0])) < 1e-3
     assert decision.rewards[0, :, 0].unique().numel() == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_candidates=0), "num_candidates must be an integer >= 1"),
+        (dict(guided_steps=[3]), "guided step 3 is out of range for num_inference_steps=3"),
+        (dict(guided_steps=(0.5, 0.2)), "0 <= start < end <= 1"),
+        (dict(generator=[torch.Generator().manual_seed(0)] * 3), "list of 3 generators, but the call makes 1"),
+        (dict(candidate_mode="beam"), "candidate_mode must be one of"),
+        (dict(power_sampling_config=PowerSamplingConfig(alpha=2.0, lam=1.0)), "alpha must be 1"),
+        (dict(power_sampling_config="huge"), "unknown preset 'huge'"),
+        (dict(rollout_scheduler="heun"), "rollout_scheduler must be one of"),
+        (dict(scorer=None), "power sampling needs a scorer"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
+    if "scorer" in kwargs:
+        pipe.scorer = None
+    options = dict(num_inference_steps=3, output_type="np", num_candidates=2)
+    options.update(kwargs)
+    options.setdefault("generator", torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=message):
+        pipe("a cat", **options)
+
+
+def test_incompatible_schedulers_raise(pipe, components):
+    pipe.scheduler = DDIMScheduler.from_config(components["scheduler"].config)
+    with pytest.raises(ValueError, match="eta=0.0 is deterministic"):
+        generate(pipe)
+
+    pipe.scheduler = PNDMScheduler.from_config(components["scheduler"].config)
+    with pytest.raises(ValueError, match="PNDMScheduler is not supported"):
+        generate(pipe)
+
+    pipe.scheduler = LCMScheduler.from_config(components["scheduler"].config)
+    with pytest.raises(ValueError, match="LCMScheduler is not supported with candidate_mode='perturbed'"):
+        generate(pipe, candidate_mode="perturbed")
+
+
+@pytest.mark.parametrize(
+    "scheduler_class, extra",
+    [
+        (DDIMScheduler, dict(eta=1.0)),
+        (EulerAncestralDiscreteScheduler, {}),
+        (LCMScheduler, dict(guidance_scale=1.0)),
+        (TCDScheduler, dict(eta=0.3, guidance_scale=1.0)),
+    ],
+)
+def test_main_schedulers_run_ancestral_candidates(pipe, components, scheduler_class, extra):
+    pipe.scheduler = scheduler_class.from_config(components["scheduler"].config)
+    output = generate(pipe, num_inference_steps=2, rollout_steps=1, num_rollouts=1, **extra)
+
+    assert output.images.shape == (1, 32, 32, 3)
+    assert len(output.trace) == 1
+    assert torch.isfinite(output.trace[0].log_pi).all()
+
+
+def test_perturbed_mode_records_densities(pipe):
+    output = generate(pipe, candidate_mode="perturbed", num_candidates=3, rollout_steps=1, num_rollouts=1)
+
+    # "all" includes the last step in perturbed mode: DDPM adds no noise there, so p has no density.
+    assert [d.index for d in output.trace] == [0, 1, 2]
+    stochastic = output.trace[0]
+    assert stochastic.extra["target"] == "reward tilt of the base transition"
+    assert stochastic.extra["log_q"].shape == (1, 3)
+    assert not torch.equal(stochastic.log_p, stochastic.extra["log_q"])
+    last = output.trace[-1]
+    assert last.extra["target"] == "reward tilt of the perturbed proposal"
+    assert last.extra["log_q"] is None
+
+
+def test_perturbed_mode_with_deterministic_ddim(pipe, components):
+    pipe.scheduler = DDIMScheduler.from_config(components["scheduler"].config)
+    output = generate(pipe, candidate_mode="perturbed", eta=0.0, rollout_steps=1, num_rollouts=1)
+
+    assert all(d.extra["target"] == "reward tilt of the perturbed proposal" for d in output.trace)
+
+
+def test_euler_ancestral_rollouts_with_rollout_unet(pipe, components):
+    output = generate(pipe, rollout_scheduler="euler_ancestral", rollout_unet=components["unet"],
+                      rollout_guidance_scale=0.0)
+
+    assert output.trace[0].num_rollouts == 2
+    assert output.trace[0].extra["rollouts_deterministic"] is False
+
+
+def test_callback_sees_chosen_latents_and_can_replace_them(pipe):
+    seen = []
+
+    def on_step_end(pipeline, step, timestep, callback_kwargs):
+        seen.append((step, callback_kwargs["latents"].clone()))
+        return {"latents": torch.zeros_like(callback_kwargs["latents"])}
+
+    output = generate(pipe, output_type="latent", callback_on_step_end=on_step_end,
+                      callback_on_step_end_tensor_inputs=["latents"])
+
+    assert [step for step, _ in seen] == [0, 1, 2]
+    assert seen[0][1].shape == (1, 4, 16, 16)
+    assert output.images.shape == (1, 4, 16, 16)
+    assert torch.count_nonzero(output.images) == 0
+
+
+@pytest.mark.parametrize("output_type, expected_type", [("pil", list), ("pt", torch.Tensor), ("np", np.ndarray)])
+def test_output_types(pipe, output_type, expected_type):
+    output = generate(pipe, output_type=output_type, num_inference_steps=2, rollout_steps=1, num_rollouts=1)
+
+    assert isinstance(output.images, expected_type)
+    images, nsfw, trace, budget = generate(pipe, output_type=output_type, num_inference_steps=2,
+                                           rollout_steps=1, num_rollouts=1, return_dict=False)
+    assert isinstance(images, expected_type)
+    assert len(trace) == 1
+    assert budget.decisions == 1
+
+
+def test_from_pipe_registers_scorer(components):
+    base = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    scorer = favour_index(1)
+    pipe = PowerSamplingStableDiffusionPipeline.from_pipe(base, scorer=scorer)
+
+    assert pipe.scorer is scorer
+    assert pipe.unet is base.unet
+    assert pipe.device == base.device
+
+
+def test_custom_pipeline_loads_saved_pipeline(components, tmp_path):
+    base = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    base.save_pretrained(tmp_path / "tiny-sd")
+    scorer = brightness_scorer()
+    pipe = DiffusionPipeline.from_pretrained(
+        tmp_path / "tiny-sd",
+        custom_pipeline=str(PIPELINE_FILE),
+        trust_remote_code=True,
+        scorer=scorer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    assert type(pipe).__name__ == "PowerSamplingStableDiffusionPipeline"
+    assert pipe.scorer is scorer
+    output = generate(pipe, num_inference_steps=2, rollout_steps=1, num_rollouts=1)
+    assert output.images.shape == (1, 32, 32, 3)
+    assert len(output.trace) == 1
