@@ -49,8 +49,8 @@ CANDIDATE_MODES = ("ancestral", "perturbed")
 ROLLOUT_SAMPLERS = ("ddim", "euler_ancestral")
 
 # Defaults for diffusion: reward tilting (alpha = 1) with rewards standardised over
-# each K x M set, so lam = 0.5 means "one standard deviation of reward doubles the
-# weight e^2-fold". One-step rollouts are deterministic, hence M = 1 and the plain estimator.
+# each K x M set. With lam = 0.5, one standard deviation more reward multiplies a rollout's
+# weight by e^2 (about 7.4). One-step rollouts are deterministic, hence M = 1 and the plain estimator.
 DIFFUSION_DEFAULTS = dict(
     num_candidates=4,
     num_rollouts=1,
