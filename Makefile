@@ -8,7 +8,7 @@ STAMP := $(VENV)/.psdiffusion-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-slow bench-engine clean
+.PHONY: install demo test test-slow bench-engine bench-scorers bench-pipeline clean
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ test-slow: install
 
 bench-engine: install
 	$(PY) samples/bench_engine.py --out bench-results/engine.json
+
+bench-scorers: install
+	$(PY) samples/bench_scorers.py --out bench-results/scorers.json
+
+bench-pipeline: install
+	$(PY) samples/bench_pipeline.py --out bench-results/pipeline.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

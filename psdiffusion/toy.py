@@ -251,21 +251,30 @@ def open_prefixes(model: TabularModel) -> list[tuple[int, ...]]:
 
 
 def expected_decision_probs(model: TabularModel, config: PowerSamplingConfig, repeats: int,
-                            generator: Optional[torch.Generator] = None) -> dict:
+                            generator: Optional[torch.Generator] = None, max_elements: int = 20_000_000) -> dict:
     """E[pi_hat(. | h)] for every open prefix h, averaged over ``repeats`` independent decisions.
 
     Each decision draws fresh rollouts, so the sampler's distribution over whole
     sequences is exactly the product of these expected next-token probabilities.
-    Returns {prefix: tensor (V,)} with zeros for tokens outside the top-K set.
+    Decisions run in batches of at most ``max_elements`` rollout-pair entries
+    (the jackknife holds B x K x M x M values). Returns {prefix: tensor (V,)}
+    with zeros for tokens outside the top-K set.
     """
     from .core.decision import decide
 
     prefixes = open_prefixes(model)
-    state = prefix_state(model, prefixes, repeats)
-    proposal, _, trace = decide(ToyAdapter(model), state, config, generator)
-    probs = torch.zeros(len(prefixes) * repeats, model.vocab_size, dtype=torch.float64)
-    probs.scatter_(1, proposal.candidates, trace.log_pi.exp().to(torch.float64))  # (P*R, V)
-    mean = probs.reshape(len(prefixes), repeats, model.vocab_size).mean(dim=1)  # (P, V)
+    M = config.max_rollouts or config.num_rollouts
+    per_repeat = len(prefixes) * config.num_candidates * M * M
+    chunk = max(1, min(repeats, max_elements // per_repeat))
+    total = torch.zeros(len(prefixes), model.vocab_size, dtype=torch.float64)
+    for start in range(0, repeats, chunk):
+        count = min(chunk, repeats - start)
+        state = prefix_state(model, prefixes, count)
+        proposal, _, trace = decide(ToyAdapter(model), state, config, generator)
+        probs = torch.zeros(len(prefixes) * count, model.vocab_size, dtype=torch.float64)
+        probs.scatter_(1, proposal.candidates, trace.log_pi.exp().to(torch.float64))  # (P*R, V)
+        total += probs.reshape(len(prefixes), count, model.vocab_size).sum(dim=1)  # (P, V)
+    mean = total / repeats
     return {prefix: mean[i] for i, prefix in enumerate(prefixes)}
 
 
