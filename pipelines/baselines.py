@@ -30,9 +30,8 @@ from typing import Optional, Union
 
 import torch
 from diffusers import DDIMScheduler
-from diffusers.utils.torch_utils import randn_tensor
 
-from psdiffusion.core import DecisionTrace, effective_sample_size, select
+from psdiffusion.core import DecisionTrace, effective_sample_size
 from psdiffusion.pipelines.power_sampling_utils import (
     NoisePredictor,
     PipelineBudget,
@@ -139,18 +138,6 @@ def prepare_denoising(pipe, prompt, *, num_inference_steps: int, guidance_scale:
                           pipe.scheduler.config.prediction_type)
 
 
-def decode_final(pipe, latents: torch.Tensor, budget: PipelineBudget) -> torch.Tensor:
-    """Decode clean latents (B, C, h, w) to images (B, 3, H, W) in [0, 1]."""
-    return pipe.decode_to_unit_images(latents, budget)
-
-
-def repeat_generators(generator, times: int):
-    """Repeat each generator of a per-image list ``times`` times, in (b, k) order; a single generator stays."""
-    if isinstance(generator, list):
-        return [g for g in generator for _ in range(times)]
-    return generator
-
-
 @torch.no_grad()
 def sample_svdd(
     pipe,
@@ -249,7 +236,7 @@ def sample_svdd(
         budget.decisions += 1
         trace.append(_svdd_trace(i, rewards, log_pi, chosen, lam))
 
-    images = decode_final(pipe, latents, budget)
+    images = pipe.decode_to_unit_images(latents, budget)
     budget.seconds = time.perf_counter() - start_time
     return PowerSamplingPipelineOutput(images=images, nsfw_content_detected=None, trace=trace, budget=budget)
 
@@ -351,8 +338,8 @@ def sample_fk_steering(
     B, k = setup.latents.shape[0], num_particles
     device = setup.latents.device
     extra_noise = randn_per_image((k - 1, *setup.latents.shape[1:]), generator, B, device, setup.latents.dtype)
-    latents = torch.cat([setup.latents.unsqueeze(1), extra_noise], dim=1)  # (B, k, C, h, w)
-    latents = latents.flatten(0, 1) * pipe.scheduler.init_noise_sigma  # (B*k, C, h, w)
+    extra_noise = extra_noise * pipe.scheduler.init_noise_sigma  # (B, k-1, C, h, w), scaled as prepare_latents does
+    latents = torch.cat([setup.latents.unsqueeze(1), extra_noise], dim=1).flatten(0, 1)  # (B*k, C, h, w)
     particle_rows = torch.arange(B, device=device).repeat_interleave(k)  # (B*k,)
     particle_prompts = [setup.prompts[b] for b in particle_rows.tolist()]
     state = _ParticleState.empty(B, k, device)
