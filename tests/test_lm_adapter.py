@@ -201,3 +201,16 @@ def test_rollout_stops_at_eos():
             ended += 1
             assert ids.index(EOS_ID) == len(ids) - 1, f"rollout {r} continued after EOS: {ids}"
     assert ended > 0, "no rollout reached EOS, so this test checked nothing"
+
+
+def test_draw_returns_base_log_prob_and_power_normalizer():
+    from psdiffusion.core.estimators import log_power_normalizer
+    from psdiffusion.lm.adapter import _draw
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    logits[0, :10] = -math.inf
+    drawn, log_p, log_z = _draw(logits, 0.7, ALPHA, torch.Generator().manual_seed(1))
+    base = torch.log_softmax(logits / 0.7, dim=-1)
+    torch.testing.assert_close(log_p, base.gather(-1, drawn.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close(log_z, log_power_normalizer(base, ALPHA))
+    assert bool(drawn[0] >= 10), "a token with -inf logit was drawn"
