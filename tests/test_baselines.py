@@ -13,6 +13,15 @@ STEPS = 4
 GUIDANCE = 2.0
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Run on one thread: tiny models gain nothing from more, and a shared CPU makes torch threads spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     components = tiny_sd_components(tmp_path_factory.mktemp("tokenizer"))
