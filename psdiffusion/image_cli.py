@@ -14,7 +14,7 @@ import re
 import time
 from pathlib import Path
 
-METHODS = ("base", "power", "best-of-n")
+METHODS = ("base", "power", "best-of-n", "svdd", "fk")
 
 
 def add_parser(subparsers) -> None:
@@ -34,7 +34,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
     parser.add_argument("--nfe-budget", type=float, default=None,
                         help="compute budget as a multiple of the base sampler's UNet evaluations; "
-                             "sets N for best-of-n and the candidate count for power")
+                             "sets N for best-of-n, the candidate count for power and svdd, and the "
+                             "particle count for fk (default for svdd and fk: 4)")
     parser.add_argument("--scorer", default=None,
                         help="reward model spec for psdiffusion.scorers.build_scorer "
                              "(default: the bundled digits CLIP with the bundled model)")

@@ -120,15 +120,17 @@ class ImageJob:
         return rows_per_step * self.steps
 
     def generate(self, prompt: str, seed: int, method: str, nfe_budget: Optional[float] = None) -> ImageResult:
-        """Generate one image for ``prompt`` with ``method`` (base, power or best-of-n) from ``seed``."""
+        """Generate one image for ``prompt`` with ``method`` (base, power, best-of-n, svdd or fk) from ``seed``."""
         if method == "base":
             result = self._base(prompt, seed)
         elif method == "power":
             result = self._power(prompt, seed, nfe_budget)
         elif method == "best-of-n":
             result = self._best_of_n(prompt, seed, nfe_budget)
+        elif method in ("svdd", "fk"):
+            result = self._baseline(prompt, seed, method, nfe_budget)
         else:
-            raise ValueError(f"method must be one of base, power, best-of-n; got {method!r}")
+            raise ValueError(f"method must be one of base, power, best-of-n, svdd, fk; got {method!r}")
         if self.judge is not None:
             result.extra.update(self._verdict(prompt, result.pixels))
         return result
@@ -163,16 +165,21 @@ class ImageJob:
 
         config = resolve_diffusion_config(self.preset)
         rows_per_step = 2 if self.guidance_scale > 1.0 else 1
-        guided = self.steps - 1  # ancestral mode guides every step but the last
         rollout_steps = config.rollout_length or 1
+        per_candidate = 0
+        for step in range(self.steps - 1):  # ancestral mode guides every step but the last
+            # A rollout runs min(R, remaining steps) steps; with one step it is deterministic, so M = 1.
+            count = min(rollout_steps, self.steps - (step + 1))
+            rollouts = config.num_rollouts if count >= 2 else 1
+            per_candidate += count * rollouts * rows_per_step
         extra_rows = nfe_budget * self.base_nfe() - self.base_nfe()
-        per_candidate = guided * config.num_rollouts * rollout_steps * rows_per_step
         candidates = int(math.floor(extra_rows / per_candidate)) if per_candidate > 0 else 1
         if candidates < 2:
+            needed = (self.base_nfe() + 2 * per_candidate) / self.base_nfe()
             raise SystemExit(f"error: --nfe-budget {nfe_budget} is too small for power sampling with preset "
-                             f"{self.preset!r} (two candidates need "
-                             f"{(self.base_nfe() + 2 * per_candidate) / self.base_nfe():.1f}x); "
-                             "raise the budget or pick --preset minimal")
+                             f"{self.preset!r}, whose {config.num_rollouts} rollouts of {rollout_steps} steps "
+                             f"need {needed:.1f}x for two candidates; pass --nfe-budget {math.ceil(needed)} "
+                             "or more")
         return candidates
 
     def _best_of_n(self, prompt: str, seed: int, nfe_budget: Optional[float]) -> ImageResult:
@@ -188,6 +195,31 @@ class ImageJob:
         best.nfe = nfe
         best.extra = {"n": n, "candidate_rewards": rewards}
         return best
+
+    def _baseline(self, prompt: str, seed: int, method: str, nfe_budget: Optional[float]) -> ImageResult:
+        """SVDD-PM or FK steering with the benchmark's settings, sized to ``nfe_budget`` (default 4x the base)."""
+        from psdiffusion.image_bench import BenchSettings, plan_method
+        from psdiffusion.pipelines.baselines import sample_fk_steering, sample_svdd
+
+        settings = BenchSettings(prompts=(prompt,), steps=self.steps, guidance_scale=self.guidance_scale)
+        multiple = 4.0 if nfe_budget is None else nfe_budget
+        plan = plan_method(method, multiple, settings)
+        if plan is None:
+            raise SystemExit(f"error: --nfe-budget {multiple} is too small for {method}, which needs at least "
+                             "2x the base sampler's cost; raise the budget")
+        common = dict(scorer=self.scorer, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                      eta=1.0, generator=[torch.Generator(self.device).manual_seed(seed)])
+        if method == "svdd":
+            output = sample_svdd(self.pipe, [prompt], lam=settings.svdd_lam, **plan.settings, **common)
+        else:
+            output = sample_fk_steering(self.pipe, [prompt], lam=settings.fk_lam, potential=settings.fk_potential,
+                                        resample_interval=settings.fk_interval, **plan.settings, **common)
+        pixels = output.images[0].cpu()
+        reward = float(self._score(pixels[None], prompt)[0])
+        extra = {key: value for key, value in plan.settings.items() if key != "guided_steps"}
+        if "guided_steps" in plan.settings:
+            extra["guided_steps"] = len(plan.settings["guided_steps"])
+        return ImageResult(_to_pil(pixels), pixels, reward, output.budget.unet_rows, extra=extra)
 
     def _verdict(self, prompt: str, pixels: torch.Tensor) -> dict:
         try:
