@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 LOCAL_DIR_PREFIX = "local-dir:"
 HF_HUB_PREFIX = "hf-hub:"
 
+# Precisions that open_clip 3.3.0 `create_model` implements: "fp16" and "bf16" are mixed
+# (OpenAI style, LayerNorm and some embeddings stay float32), "pure_*" casts every weight.
+# Other strings are silently treated as fp32 there, so they are rejected here.
+OPEN_CLIP_PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16")
+
 
 def _offline_hint() -> str:
     if is_offline_mode():
@@ -105,7 +110,8 @@ class OpenCLIPBackbone(nn.Module):
             `laion2b_s34b_b79k`, ...) or a local checkpoint path; None builds the
             model with random weights (tests and benchmarks only).
         device: device to load the model on.
-        precision: open_clip precision string, "fp32", "fp16", "bf16", ...
+        precision: one of OPEN_CLIP_PRECISIONS: "fp32", mixed "fp16" / "bf16"
+            (OpenAI style), or "pure_fp16" / "pure_bf16".
         text_cache_size: the maximum number of prompts whose embeddings are kept.
     """
 
@@ -118,6 +124,8 @@ class OpenCLIPBackbone(nn.Module):
         text_cache_size: int = 4096,
     ):
         super().__init__()
+        if precision not in OPEN_CLIP_PRECISIONS:
+            raise ValueError(f"precision must be one of {OPEN_CLIP_PRECISIONS}, got {precision!r}")
         self.text_cache = PromptEmbeddingCache(self._encode_prompt, text_cache_size)
         tag_cfg = _check_name_and_pretrained(model_name, pretrained)
         if pretrained is None and not model_name.startswith((LOCAL_DIR_PREFIX, HF_HUB_PREFIX)):
@@ -152,7 +160,7 @@ class OpenCLIPBackbone(nn.Module):
         if isinstance(output_dim, int):
             return output_dim
         height, width = self.preprocess_config.size
-        probe = torch.zeros(1, 3, height, width, device=self.device, dtype=self.dtype)
+        probe = torch.zeros(1, 3, height, width, device=self.device, dtype=self.image_dtype)
         with torch.no_grad():
             return self.model.encode_image(probe).shape[-1]
 
@@ -162,7 +170,24 @@ class OpenCLIPBackbone(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """Dtype of the model's first parameter; under mixed precision this stays float32."""
         return next(self.model.parameters()).dtype
+
+    @property
+    def image_dtype(self) -> torch.dtype:
+        """Dtype that the image tower's input layer expects.
+
+        Under open_clip's mixed "fp16" / "bf16" precision the first parameter
+        (the float32 positional embedding) does not tell the dtype of the patch-embedding
+        convolution, which is half, so this reads the first Conv2d weight.
+        """
+        for module in self.model.visual.modules():
+            if isinstance(module, nn.Conv2d):
+                return module.weight.dtype
+        for parameter in self.model.visual.parameters():
+            if parameter.ndim >= 2:
+                return parameter.dtype
+        return self.dtype
 
     def _apply(self, fn, *args, **kwargs):
         # Cached text embeddings live on the old device and dtype.
@@ -170,9 +195,9 @@ class OpenCLIPBackbone(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Turn images (B, 3, H, W) in [0, 1] into model input (B, 3, h, w) on the model's device and dtype."""
+        """Turn images (B, 3, H, W) in [0, 1] into model input (B, 3, h, w) on the model's device and input dtype."""
         pixels = preprocess_images(images.to(self.device), self.preprocess_config)
-        return pixels.to(self.dtype)
+        return pixels.to(self.image_dtype)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Return L2-normalised image embeddings (B, D) in float32 for images in [0, 1]."""
@@ -229,7 +254,13 @@ class CLIPScorer(Scorer):
         clip_negative: bool = False,
     ):
         super().__init__(max_batch_size=max_batch_size)
-        if (backbone is None) == (model_name is None):
+        if backbone is None and model_name is None:
+            raise ValueError(
+                "model_name is missing: pass an open_clip model name with pretrained "
+                "(CLIPScorer('ViT-B-32', 'openai')), 'local-dir:/path', 'hf-hub:org/repo', "
+                "or backbone=OpenCLIPBackbone(...)"
+            )
+        if backbone is not None and model_name is not None:
             raise ValueError("pass either model_name (with pretrained) or backbone=OpenCLIPBackbone(...), not both")
         if backbone is None:
             backbone = OpenCLIPBackbone(model_name, pretrained, device, precision, text_cache_size)

@@ -8,7 +8,13 @@ from huggingface_hub.constants import is_offline_mode
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from psdiffusion.scorers import CLIPScorer, ImagePreprocessConfig, OpenCLIPBackbone, preprocess_images
+from psdiffusion.scorers import (
+    CLIPScorer,
+    ImagePreprocessConfig,
+    OpenCLIPBackbone,
+    build_scorer,
+    preprocess_images,
+)
 from psdiffusion.scorers.testing import register_tiny_clip_config, reinitialize_, save_tiny_clip_dir
 
 
@@ -121,6 +127,40 @@ def test_clip_scorer_moves_to_dtype_and_clears_cache(scorer):
     assert rewards.dtype == torch.float32
     assert scorer.backbone.text_cache.misses == 2  # the cache was cleared by .to()
     torch.testing.assert_close(rewards, reference, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "pure_fp16", "pure_bf16"])
+def test_clip_scorer_runs_in_reduced_precision(tiny_clip_dir, scorer, precision):
+    # Mixed fp16 / bf16 keep the first parameter in float32 while the patch
+    # convolution is half, so the input must follow the convolution. CPU torch
+    # runs both half types for these layers.
+    images = random_images(3)
+    reference = scorer(images, ["a tree", "a dog", "snow"])
+
+    reduced = CLIPScorer(f"local-dir:{tiny_clip_dir}", precision=precision)
+    rewards = reduced(images, ["a tree", "a dog", "snow"])
+
+    assert reduced.backbone.image_dtype in (torch.float16, torch.bfloat16)
+    assert rewards.dtype == torch.float32
+    torch.testing.assert_close(rewards, reference, rtol=0, atol=1.0)
+
+
+def test_build_scorer_loads_clip_in_fp16(tiny_clip_dir, scorer):
+    images = random_images(2)
+
+    rewards = build_scorer(f"clip:local-dir:{tiny_clip_dir}", precision="fp16")(images, "a tree")
+
+    torch.testing.assert_close(rewards, scorer(images, "a tree"), rtol=0, atol=1.0)
+
+
+def test_clip_scorer_rejects_unknown_precision(tiny_clip_dir):
+    with pytest.raises(ValueError, match="precision must be one of .*'bf16'.*got 'fp8'"):
+        CLIPScorer(f"local-dir:{tiny_clip_dir}", precision="fp8")
+
+
+def test_clip_scorer_without_model_name_says_it_is_missing():
+    with pytest.raises(ValueError, match="model_name is missing: pass an open_clip model name"):
+        CLIPScorer()
 
 
 def test_clip_scorer_clip_negative_clamps_at_zero(tiny_clip_dir):
@@ -239,8 +279,8 @@ def test_clip_scorer_rejects_unknown_tag_and_name(tiny_clip_dir):
         CLIPScorer("ViT-Q-99", pretrained="openai")
     with pytest.raises(ValueError, match="pretrained must be None for 'local-dir:"):
         CLIPScorer(f"local-dir:{tiny_clip_dir}", pretrained="openai")
-    with pytest.raises(ValueError, match="either model_name"):
-        CLIPScorer()
+    with pytest.raises(ValueError, match="either model_name .* not both"):
+        CLIPScorer(f"local-dir:{tiny_clip_dir}", backbone=OpenCLIPBackbone(f"local-dir:{tiny_clip_dir}"))
 
 
 def test_clip_scorer_local_dir_missing_config(tmp_path):
