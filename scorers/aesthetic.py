@@ -137,7 +137,7 @@ def load_aesthetic_head(head: Union[str, Path]) -> AestheticHead:
 
 
 class AestheticScorer(Scorer):
-    """LAION improved aesthetic score (about 1 to 10) of each image; prompts are ignored.
+    """LAION improved aesthetic score (about 1 to 10) of each image; prompts are ignored and may be None.
 
     The head maps the L2-normalised image embedding of OpenAI CLIP ViT-L/14
     (width 768) to a score. The head's input width is checked against the
@@ -156,6 +156,8 @@ class AestheticScorer(Scorer):
         device, precision: passed to OpenCLIPBackbone.
         max_batch_size: see Scorer.
     """
+
+    uses_prompts = False
 
     def __init__(
         self,

@@ -56,6 +56,9 @@ def validate_images(images: torch.Tensor) -> None:
         return
     if low >= -1.0 and high <= 1.0:
         hint = "they look like [-1, 1] VAE output: pass (images + 1) / 2, clamped to [0, 1]"
+    elif low >= 0.0 and high <= 2.0:
+        # A max this close to 1 is overshoot (resampling, float error), not 8-bit pixels.
+        hint = "pass images.clamp(0, 1)"
     elif low >= 0.0 and high <= 255.0:
         hint = "they look like [0, 255] pixels: pass images / 255"
     else:
@@ -119,10 +122,14 @@ class Scorer(nn.Module):
     another batch size), not bit for bit.
 
     Subclasses implement `score_batch`, which receives validated images on the
-    caller's device and a list of prompts, and returns a (b,) tensor.
+    caller's device and a list of prompts, and returns a (b,) tensor. A subclass
+    whose rewards do not depend on the prompts sets `uses_prompts = False`, and
+    then `prompts=None` is accepted (score_batch receives empty strings).
     Scorers are inference-only: `train()` keeps every submodule in eval mode, so
     dropout never makes a reward random.
     """
+
+    uses_prompts = True
 
     def __init__(self, max_batch_size: Optional[int] = None):
         super().__init__()
@@ -141,8 +148,10 @@ class Scorer(nn.Module):
     def train(self, mode: bool = True) -> "Scorer":
         return super().train(False)
 
-    def forward(self, images: torch.Tensor, prompts: Prompts) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, prompts: Optional[Prompts]) -> torch.Tensor:
         validate_images(images)
+        if prompts is None and not self.uses_prompts:
+            prompts = ""
         prompt_list = normalize_prompts(prompts, images.shape[0])
         if images.shape[0] == 0:
             return torch.empty(0, dtype=torch.float32, device=images.device)

@@ -28,9 +28,11 @@ SPEC_FORMS = """accepted scorer specs:
                              tokenizer and image processor of `pickscore_processor`
   A+B                        weighted sum of components; '+' starts a new component only before 'clip:',
                              'aesthetic:' or 'pickscore:', so file names like sac+logos+ava1-l14-linearMSE.pth stay whole
-  COMPONENT@W                weight W of a component in a sum (default 1), e.g. clip:ViT-B-32/openai+aesthetic:h.pth@0.1"""
+  COMPONENT@W                weight W of a component in a sum (default 1, nonzero; negative penalises),
+                             e.g. clip:ViT-B-32/openai+aesthetic:h.pth@0.1
+  Spaces around '+' and '@' are ignored."""
 
-_COMPONENT_SPLIT = re.compile(r"\+(?=(?:%s):)" % "|".join(SCORER_KINDS))
+_COMPONENT_SPLIT = re.compile(r"\s*\+\s*(?=(?:%s):)" % "|".join(SCORER_KINDS))
 
 
 def _invalid_spec(spec: str, reason: str) -> ValueError:
@@ -52,9 +54,12 @@ def _split_weight(component: str, spec: str) -> tuple[str, Optional[float]]:
     if not separator:
         return component, None
     try:
-        return body, float(tail)
+        weight = float(tail)
     except ValueError:
         return component, None  # an '@' inside a path, not a weight
+    if weight == 0.0:
+        raise _invalid_spec(spec, f"weight 0 in {component!r} would drop that scorer; remove it or pass a nonzero weight")
+    return body.strip(), weight
 
 
 def build_scorer(
@@ -87,8 +92,10 @@ def build_scorer(
         pickscore_processor: hub id or local folder of PickScore's tokenizer and
             image processor.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise _invalid_spec(str(spec), "the spec is empty")
+    if not isinstance(spec, str):
+        raise ValueError(f"the scorer spec must be a string, got {type(spec).__name__}\n{SPEC_FORMS}")
+    if not spec.strip():
+        raise _invalid_spec(spec, "the spec is empty")
     backbones: dict[tuple[str, Optional[str]], OpenCLIPBackbone] = {}
 
     def backbone_for(source: str) -> OpenCLIPBackbone:

@@ -41,7 +41,8 @@ class CompositeScorer(Scorer):
 
     Args:
         scorers: the component scorers.
-        weights: one weight per scorer; all 1 if None.
+        weights: one nonzero weight per scorer; all 1 if None. A negative
+            weight penalises its scorer's reward.
         standardize: standardise each component within each set before weighting.
         set_size: number of consecutive images in one candidate set (K * M for
             one decision); None treats each call as one set.
@@ -72,6 +73,12 @@ class CompositeScorer(Scorer):
             raise ValueError(f"weights must have one value per scorer: got {len(weights)} for {len(scorers)} scorers")
         if not all(math.isfinite(w) for w in weights):
             raise ValueError(f"weights must be finite, got {weights}")
+        for index, weight in enumerate(weights):
+            if weight == 0.0:
+                raise ValueError(
+                    f"weights[{index}] is 0, so {type(scorers[index]).__name__} would add nothing to the "
+                    f"reward; remove that scorer or pass a nonzero weight"
+                )
         if set_size is not None and (isinstance(set_size, bool) or not isinstance(set_size, int) or set_size < 1):
             raise ValueError(f"set_size must be None or an int >= 1, got {set_size!r}")
 
@@ -79,6 +86,11 @@ class CompositeScorer(Scorer):
         self.weights = weights
         self.standardize = standardize
         self.set_size = set_size
+
+    @property
+    def uses_prompts(self) -> bool:
+        """True when any component reads prompts; otherwise `prompts=None` is accepted."""
+        return any(scorer.uses_prompts for scorer in self.scorers)
 
     @Scorer.max_batch_size.setter
     def max_batch_size(self, value: Optional[int]) -> None:

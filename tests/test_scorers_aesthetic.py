@@ -72,6 +72,13 @@ def test_aesthetic_scorer_equals_head_on_normalised_embeddings(wide_clip_dir, he
     torch.testing.assert_close(rewards, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_aesthetic_scorer_accepts_none_prompts(wide_clip_dir, head_file):
+    scorer = AestheticScorer(head_file, backbone=OpenCLIPBackbone(f"local-dir:{wide_clip_dir}"))
+    images = random_images(3)
+
+    torch.testing.assert_close(scorer(images, None), scorer(images, "ignored prompt"), rtol=0, atol=0)
+
+
 def test_aesthetic_scorer_scores_follow_images_under_microbatching(wide_clip_dir, head_file):
     scorer = AestheticScorer(head_file, backbone=OpenCLIPBackbone(f"local-dir:{wide_clip_dir}"))
     images = random_images(7, seed=1)

@@ -27,6 +27,7 @@ def random_images(batch_size, seed=0, height=16, width=16):
         (torch.zeros(2, 3, 8), "3 RGB channels"),
         (torch.full((2, 3, 8, 8), -0.5), "\\(images \\+ 1\\) / 2"),
         (torch.full((2, 3, 8, 8), 128.0), "images / 255"),
+        (torch.full((2, 3, 8, 8), 1.0001), "values in \\[1, 1\\]; pass images.clamp\\(0, 1\\)$"),
         (torch.full((2, 3, 8, 8), -300.0), "VaeImageProcessor.postprocess"),
         (torch.full((2, 3, 8, 8), float("nan")), "NaN"),
     ],

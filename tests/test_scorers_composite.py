@@ -97,6 +97,8 @@ def test_composite_rejects_bad_arguments():
         CompositeScorer([mean_red])
     with pytest.raises(ValueError, match="got 1 for 2 scorers"):
         CompositeScorer([CallableScorer(mean_red), CallableScorer(mean_green)], weights=[1.0])
+    with pytest.raises(ValueError, match="weights\\[1\\] is 0, so CallableScorer would add nothing"):
+        CompositeScorer([CallableScorer(mean_red), CallableScorer(mean_green)], weights=[1.0, 0.0])
     with pytest.raises(ValueError, match="set max_batch_size on its component scorers"):
         CompositeScorer([CallableScorer(mean_red)]).max_batch_size = 4
     with pytest.raises(ValueError, match="set_size must be None or an int >= 1"):
@@ -162,6 +164,25 @@ def test_build_scorer_composite_shares_backbone(wide_clip_dir, plus_named_head):
     torch.testing.assert_close(scorer(images, "a"), expected)
 
 
+def test_build_scorer_ignores_spaces_around_plus_and_weight(wide_clip_dir, plus_named_head):
+    source = f"local-dir:{wide_clip_dir}"
+
+    scorer = build_scorer(f"clip:{source} + aesthetic:{plus_named_head} @ 0.1", aesthetic_clip=source)
+
+    clip, aesthetic = scorer.scorers
+    assert isinstance(clip, CLIPScorer)
+    assert isinstance(aesthetic, AestheticScorer)
+    assert scorer.weights == [1.0, 0.1]
+
+
+def test_composite_with_only_aesthetic_accepts_none_prompts(wide_clip_dir, plus_named_head):
+    source = f"local-dir:{wide_clip_dir}"
+    scorer = build_scorer(f"aesthetic:{plus_named_head}", aesthetic_clip=source, standardize=True)
+    images = random_images(3)
+
+    torch.testing.assert_close(scorer(images, None), scorer(images, "a"), rtol=0, atol=0)
+
+
 def test_build_scorer_standardize_wraps_single_component(wide_clip_dir):
     scorer = build_scorer(f"clip:local-dir:{wide_clip_dir}", standardize=True)
 
@@ -193,6 +214,8 @@ def test_build_scorer_pickscore_with_clip(tmp_path, wide_clip_dir):
         ("clip:ViT-B-32", "needs a pretrained tag or checkpoint path"),
         ("clip:", "clip: needs an argument"),
         ("", "the spec is empty"),
+        (None, "the scorer spec must be a string, got NoneType"),
+        ("clip:local-dir:/tmp/x@0", "weight 0 in 'clip:local-dir:/tmp/x@0' would drop that scorer"),
     ],
 )
 def test_build_scorer_rejects_bad_spec_listing_forms(spec, reason):
