@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_PROMPTS_PER_DIGIT = 4
+DEFAULT_PROMPTS_PER_DIGIT = 2
 DEFAULT_SEEDS = 2
 
 

@@ -380,15 +380,15 @@ def diversity(records: list, method: str, multiple: float) -> Optional[np.ndarra
 
 
 def summarize(records: list, settings: BenchSettings) -> list:
-    """Summarise each (method, budget): means with bootstrap intervals and paired differences to best-of-N."""
+    """Summarise the base sampler and each (method, budget): means with bootstrap intervals, paired differences."""
     rng = np.random.default_rng(settings.bootstrap_seed)
     samples = settings.bootstrap_samples
+    keys = [("base", 1)] + [(m, b) for m in settings.methods for b in settings.budgets if _has(records, m, b)]
     rows = []
-    for method, multiple in _row_keys(records, settings):
-        source = "base" if multiple == 1 else method
-        reward = unit_values(records, source, multiple, "rewards")
-        correct = unit_values(records, source, multiple, "correct")
-        chosen = [r for r in records if r.method == source and r.multiple == multiple]
+    for method, multiple in keys:
+        reward = unit_values(records, method, multiple, "rewards")
+        correct = unit_values(records, method, multiple, "correct")
+        chosen = [r for r in records if r.method == method and r.multiple == multiple]
         row = {
             "method": method,
             "multiple": multiple,
@@ -400,25 +400,16 @@ def summarize(records: list, settings: BenchSettings) -> list:
             "accuracy": bootstrap_mean(correct, samples, rng),
             "units": int(len(reward)),
         }
-        spread = diversity(records, source, multiple)
+        spread = diversity(records, method, multiple)
         row["diversity"] = None if spread is None else bootstrap_mean(spread, samples, rng)
-        if method != "best-of-n" and multiple > 1 and _has(records, "best-of-n", multiple):
-            row["reward_minus_best_of_n"] = bootstrap_mean(reward - unit_values(records, "best-of-n", multiple,
-                                                                                  "rewards"), samples, rng)
-            row["accuracy_minus_best_of_n"] = bootstrap_mean(correct - unit_values(records, "best-of-n", multiple,
-                                                                                     "correct"), samples, rng)
+        if method not in ("base", "best-of-n") and _has(records, "best-of-n", multiple):
+            best_reward = unit_values(records, "best-of-n", multiple, "rewards")
+            best_correct = unit_values(records, "best-of-n", multiple, "correct")
+            row["reward_minus_best_of_n"] = bootstrap_mean(reward - best_reward, samples, rng)
+            row["accuracy_minus_best_of_n"] = bootstrap_mean(correct - best_correct, samples, rng)
         rows.append(row)
     _add_overoptimisation_flags(rows, records, settings, rng)
     return rows
-
-
-def _row_keys(records: list, settings: BenchSettings) -> list:
-    keys = []
-    for method in settings.methods:
-        for multiple in settings.budgets:
-            if multiple == 1 or _has(records, method, multiple):
-                keys.append((method, multiple))
-    return keys
 
 
 def _has(records, method, multiple) -> bool:
@@ -458,9 +449,9 @@ def half_budget_comparisons(records: list, settings: BenchSettings) -> list:
     for method in ("power-1step", "power-rollout"):
         for multiple in settings.budgets:
             half = multiple / 2
-            if not (_has(records, "best-of-n", multiple) and (half == 1 or _has(records, method, half))):
+            if not (_has(records, "best-of-n", multiple) and _has(records, method, half)):
                 continue
-            power = unit_values(records, "base" if half == 1 else method, half, "rewards")
+            power = unit_values(records, method, half, "rewards")
             best = unit_values(records, "best-of-n", multiple, "rewards")
             comparisons.append({"method": method, "power_multiple": half, "best_of_n_multiple": multiple,
                                 "reward_difference": bootstrap_mean(power - best, settings.bootstrap_samples, rng)})
@@ -519,7 +510,7 @@ def _interval(stat: Optional[dict], digits: int = 2, percent: bool = False) -> s
 
 def _describe(row: dict) -> str:
     settings = row["settings"]
-    if row["multiple"] == 1:
+    if row["method"] == "base":
         return "base sampler"
     if row["method"] == "best-of-n":
         return f"N={settings['n']}"
@@ -576,7 +567,8 @@ def plot_metric(rows: list, metric: str, label: str, path, settings: BenchSettin
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
     scale = 100.0 if metric == "accuracy" else 1.0
     for method in settings.methods:
-        points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["nfe"])
+        # Every line starts at the base sampler's point (1x), which all methods share.
+        points = sorted((r for r in rows if r["method"] in (method, "base")), key=lambda r: r["nfe"])
         if not points:
             continue
         x = [p["nfe"] for p in points]

@@ -129,6 +129,7 @@ def test_benchmark_on_tiny_components_writes_report(tiny_context, tmp_path):
             assert record.nfe_per_image == plan_method(record.method, record.multiple, settings).planned_rows
     methods_at_4x = {row["method"] for row in results["summary"] if row["multiple"] == 4}
     assert methods_at_4x == set(METHODS)
+    assert [row["method"] for row in results["summary"] if row["multiple"] == 1] == ["base"]
     assert all(row["units"] == 2 for row in results["summary"])
     assert all(row["diversity"] is not None for row in results["summary"])
     saved = json.loads((tmp_path / "results.json").read_text())
