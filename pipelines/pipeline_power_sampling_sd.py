@@ -197,21 +197,28 @@ class PowerSamplingStableDiffusionPipeline(PowerSamplingMixin, StableDiffusionPi
                 Overrides K of the config.
             num_rollouts (`int`, *optional*):
                 Overrides M of the config. Deterministic rollouts (one step, or DDIM with `rollout_eta=0`)
-                run once per candidate whatever M is; a warning says so and the trace records it.
+                run once per candidate whatever M is, and the trace records it. A warning names those steps,
+                unless the only ones are the last guided steps, whose rollouts have one main step left.
             scorer (`Callable`, *optional*):
                 Reward model for this call; defaults to the registered `self.scorer`.
             scorer_prompt (`str` or `list[str]`, *optional*):
                 Text passed to the scorer in place of `prompt`.
             guided_steps (`"all"`, `list[int]` or `(float, float)`, *optional*, defaults to `"all"`):
                 Steps that run power sampling: every step that adds noise (`"all"`; the last step is left
-                out in ancestral mode), a list of step indices, or a `(start, end)` window of fractions of
-                the schedule.
+                out in ancestral mode), a list of integer step indices (numpy integers work too), or a
+                tuple `(start, end)` of fractions of the schedule. A list is always read as step indices.
             candidate_mode (`str`, *optional*, defaults to `"ancestral"`):
                 `"ancestral"` draws K candidates from the base transition (q = p). `"perturbed"` uses noise
                 predictions eps + s * z_k with `s = perturbation_scale`; the Gaussian densities of base and
                 proposal enter the weights, and with a deterministic base step (DDIM, `eta=0`) the target
                 becomes the reward tilt of the proposal itself (recorded as `target` in the trace).
-                Perturbed mode supports DDIM, DDPM and Euler-ancestral.
+                Perturbed mode supports DDIM, DDPM and Euler-ancestral. Use `"ancestral"` with a stochastic
+                scheduler (DDPM, DDIM with `eta > 0`, Euler-ancestral): in perturbed mode the weight p/q is a
+                ratio of Gaussian densities over all D latent elements, and its log varies across candidates
+                with a standard deviation of about sqrt(D / 2) * v nats, where v is the proposal's extra
+                variance over the base step's variance. That swamps a reward term of a few nats, so the
+                effective sample size falls to about 1 and the reward is ignored. The call then logs a
+                warning, and the trace's `extra["proposal_log_ratio_spread"]` records the spread per image.
             perturbation_scale (`float`, *optional*, defaults to 0.5):
                 s, the scale of the noise added to the noise prediction in perturbed mode.
             rollout_steps (`int`, *optional*):
@@ -231,6 +238,8 @@ class PowerSamplingStableDiffusionPipeline(PowerSamplingMixin, StableDiffusionPi
             max_batch_size (`int`, *optional*):
                 Largest number of rows in one UNet call (a guided latent counts twice), one VAE decode and
                 one scorer call; overrides the config's `max_batch_size`. Peak memory follows this, not K x M.
+                With classifier-free guidance and `max_batch_size=1`, the unconditional and conditional
+                halves of each latent run as two UNet calls.
 
         Returns:
             [`PowerSamplingPipelineOutput`] or `tuple`:
@@ -269,7 +278,6 @@ class PowerSamplingStableDiffusionPipeline(PowerSamplingMixin, StableDiffusionPi
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
-        self._warned_deterministic = False
 
         # 2. Define call parameters.
         if prompt is not None and isinstance(prompt, str):
@@ -390,6 +398,9 @@ class PowerSamplingStableDiffusionPipeline(PowerSamplingMixin, StableDiffusionPi
                     predictor.negative_prompt_embeds = rollout_predictor.negative_prompt_embeds = negative_prompt_embeds
 
                 progress_bar.update()
+
+        # Steps whose rewards or weights did not act as configured are logged once, here.
+        self.warn_about_decisions(trace, config, plan)
 
         # 8. Decode, run the safety checker and post-process.
         if output_type != "latent":

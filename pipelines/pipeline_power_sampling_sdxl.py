@@ -215,7 +215,6 @@ class PowerSamplingStableDiffusionXLPipeline(PowerSamplingMixin, StableDiffusion
         self._cross_attention_kwargs = cross_attention_kwargs
         self._denoising_end = None
         self._interrupt = False
-        self._warned_deterministic = False
 
         # 2. Define call parameters.
         if prompt is not None and isinstance(prompt, str):
@@ -340,6 +339,9 @@ class PowerSamplingStableDiffusionXLPipeline(PowerSamplingMixin, StableDiffusion
                     latents = callback_outputs.pop("latents", latents)
 
                 progress_bar.update()
+
+        # Steps whose rewards or weights did not act as configured are logged once, here.
+        self.warn_about_decisions(trace, config, plan)
 
         # 8. Decode, watermark and post-process.
         if output_type != "latent":

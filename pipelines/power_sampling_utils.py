@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import operator
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -62,6 +64,9 @@ DIFFUSION_DEFAULTS = dict(
 )
 # Rollout denoising steps used when a preset name is passed; the presets' K and M are kept.
 PRESET_ROLLOUT_STEPS = {"minimal": 2, "balanced": 4, "quality": 8}
+# A spread of log p - log q across the candidates above this many nats (a factor of e^20,
+# about 5e8, between candidate weights) lets the proposal correction decide the pick.
+PROPOSAL_SPREAD_WARNING_NATS = 20.0
 
 
 @dataclass
@@ -126,8 +131,11 @@ class PowerSamplingPipelineOutput(BaseOutput):
             (zeros when they cancel against the proposal), `log_pi` (B, K) the
             log of the selection probabilities, `ess` (B,) their effective sample
             size, `chosen` (B,) the picked candidate, `num_rollouts` the M actually
-            run. `extra` holds `timestep`, `candidate_mode`, `rollout_steps`,
-            `rollouts_deterministic`, `target` and `log_q` (B, K) or `None`.
+            run, `nonfinite_rollouts` how many rollouts got zero weight for a
+            non-finite reward. `extra` holds `timestep`, `candidate_mode`,
+            `rollout_steps`, `rollouts_deterministic`, `target`, `log_q` (B, K)
+            and `proposal_log_ratio_spread` (B,), the range of log p - log q over
+            the candidates in nats; the last two are `None` where p/q cancels.
         budget (`PipelineBudget`):
             UNet calls and rows, VAE decodes, scorer calls and wall-clock seconds.
     """
@@ -187,37 +195,65 @@ def resolve_diffusion_config(
     return config
 
 
+GUIDED_STEPS_FORMS = ("'all', a list of step indices such as [0, 2, 5], or a (start, end) tuple of "
+                      "fractions of the schedule such as (0.0, 0.5)")
+
+
 def resolve_guided_steps(guided_steps, num_steps: int, candidate_mode: str) -> list[int]:
     """Turn ``"all"``, a list of step indices or a ``(start, end)`` fraction window into sorted step indices.
 
     ``"all"`` leaves out the last step in ancestral mode, because every supported
     scheduler adds no noise there and the K candidates would be identical.
+    Step indices may be any integers, numpy and torch ones included.
     """
     if isinstance(guided_steps, str):
         if guided_steps != "all":
-            raise ValueError(f"guided_steps must be 'all', a list of step indices or a (start, end) window, "
-                             f"got {guided_steps!r}")
+            raise ValueError(f"guided_steps must be {GUIDED_STEPS_FORMS}, got {guided_steps!r}")
         last = num_steps - 1 if candidate_mode == "ancestral" else num_steps
         return list(range(last))
 
     if isinstance(guided_steps, tuple):
-        if len(guided_steps) != 2 or not all(isinstance(v, (int, float)) for v in guided_steps):
-            raise ValueError(f"a guided_steps window must be a (start, end) pair of fractions, got {guided_steps!r}")
-        start, end = guided_steps
-        if not 0.0 <= start < end <= 1.0:
-            raise ValueError(f"a guided_steps window needs 0 <= start < end <= 1, got {guided_steps!r}")
-        steps = [i for i in range(num_steps) if start <= i / num_steps < end]
-        if not steps:
-            raise ValueError(f"the guided_steps window {guided_steps!r} contains none of the {num_steps} steps; "
-                             "widen it or pass a list of step indices")
-        return steps
+        return window_steps(guided_steps, num_steps)
 
-    steps = sorted(set(guided_steps))
-    for step in steps:
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_steps:
-            raise ValueError(f"guided step {step!r} is out of range for num_inference_steps={num_steps}; "
-                             f"pass integer step indices in [0, {num_steps - 1}]")
+    if not isinstance(guided_steps, Iterable):
+        raise ValueError(f"guided_steps must be {GUIDED_STEPS_FORMS}, got {guided_steps!r}")
+    steps = sorted({step_index(step, num_steps, guided_steps) for step in guided_steps})
     return steps
+
+
+def window_steps(window: tuple, num_steps: int) -> list[int]:
+    """Step indices i with start <= i / num_steps < end for a ``(start, end)`` window of fractions."""
+    if len(window) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in window):
+        raise ValueError(f"a guided_steps window must be a (start, end) pair of fractions, got {window!r}")
+    start, end = window
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"a guided_steps window needs 0 <= start < end <= 1, got {window!r}; "
+                         "pass step indices as a list, e.g. [0, 2]")
+    steps = [i for i in range(num_steps) if start <= i / num_steps < end]
+    if not steps:
+        raise ValueError(f"the guided_steps window {window!r} contains none of the {num_steps} steps; "
+                         "widen it or pass a list of step indices")
+    return steps
+
+
+def step_index(step, num_steps: int, guided_steps) -> int:
+    """Validate one entry of a guided_steps list and return it as a Python int."""
+    if isinstance(step, bool):
+        raise ValueError(f"guided_steps entries must be integer step indices, got {step!r} in {guided_steps!r}")
+    try:
+        index = operator.index(step)
+    except TypeError:
+        if isinstance(step, (float, np.floating)):
+            raise ValueError(
+                f"guided_steps={guided_steps!r} is a list, so its entries must be integer step indices, "
+                f"got {step!r}; pass a window of fractions as a tuple, e.g. (0.0, 0.5)"
+            ) from None
+        raise ValueError(f"guided_steps entries must be integer step indices, got {step!r} in {guided_steps!r}; "
+                         f"pass {GUIDED_STEPS_FORMS}") from None
+    if not 0 <= index < num_steps:
+        raise ValueError(f"guided step {index} is out of range for num_inference_steps={num_steps}; "
+                         f"pass integer step indices in [0, {num_steps - 1}]")
+    return index
 
 
 def check_scheduler(scheduler, candidate_mode: str, eta: float) -> None:
@@ -341,6 +377,9 @@ class NoisePredictor:
 
     Row r of a call is conditioned on prompt row ``rows[r]`` of the (B, ...) embeddings,
     so K x M rollouts of B prompts never need the embeddings repeated K x M times.
+    No UNet call gets more than ``max_batch_size`` rows, counting a guided latent
+    twice. With guidance and ``max_batch_size=1``, the unconditional and the
+    conditional half of a latent run as two separate UNet calls.
     """
 
     def __init__(
@@ -374,7 +413,7 @@ class NoisePredictor:
 
     @property
     def rows_per_call(self) -> int:
-        """Latent rows per UNet call, so the UNet never sees more than ``max_batch_size`` rows."""
+        """Latent rows per call; a guided latent takes two UNet rows, and a cap of 1 splits its halves."""
         return max(1, self.max_batch_size // (2 if self.do_classifier_free_guidance else 1))
 
     def __call__(self, latent_model_input: torch.Tensor, timestep, rows: torch.Tensor) -> torch.Tensor:
@@ -389,11 +428,32 @@ class NoisePredictor:
     def _forward(self, latents, timestep, rows):
         embeds = self.prompt_embeds[rows]  # (n, L, D)
         added = None if self.added_cond is None else {k: v[rows] for k, v in self.added_cond.items()}
-        if self.do_classifier_free_guidance:
-            latents = torch.cat([latents, latents])  # (2n, C, h, w): unconditional rows first
-            embeds = torch.cat([self.negative_prompt_embeds[rows], embeds])
-            if added is not None:
-                added = {k: torch.cat([self.negative_added_cond[k][rows], v]) for k, v in added.items()}
+        if not self.do_classifier_free_guidance:
+            return self._run_unet(latents, timestep, embeds, added)
+
+        negative_embeds = self.negative_prompt_embeds[rows]  # (n, L, D)
+        negative_added = None
+        if added is not None:
+            negative_added = {k: self.negative_added_cond[k][rows] for k in added}
+        if 2 * latents.shape[0] <= self.max_batch_size:
+            both_added = None if added is None else {k: torch.cat([negative_added[k], v]) for k, v in added.items()}
+            output = self._run_unet(
+                torch.cat([latents, latents]),  # (2n, C, h, w): unconditional rows first
+                timestep,
+                torch.cat([negative_embeds, embeds]),
+                both_added,
+            )
+            output_uncond, output_text = output.chunk(2)
+        else:
+            output_uncond = self._run_unet(latents, timestep, negative_embeds, negative_added)
+            output_text = self._run_unet(latents, timestep, embeds, added)
+
+        guided = output_uncond + self.guidance_scale * (output_text - output_uncond)
+        if self.guidance_rescale > 0.0:
+            guided = rescale_noise_cfg(guided, output_text, guidance_rescale=self.guidance_rescale)
+        return guided
+
+    def _run_unet(self, latents, timestep, embeds, added):
         timestep_cond = None
         if self.timestep_cond is not None:
             timestep_cond = self.timestep_cond.expand(latents.shape[0], -1)
@@ -410,14 +470,7 @@ class NoisePredictor:
             )[0]
         self.budget.unet_calls += 1
         self.budget.unet_rows += latents.shape[0]
-
-        if not self.do_classifier_free_guidance:
-            return output
-        output_uncond, output_text = output.chunk(2)
-        guided = output_uncond + self.guidance_scale * (output_text - output_uncond)
-        if self.guidance_rescale > 0.0:
-            guided = rescale_noise_cfg(guided, output_text, guidance_rescale=self.guidance_rescale)
-        return guided
+        return output
 
 
 @dataclass
@@ -490,8 +543,17 @@ class PowerSamplingMixin:
         text = scorer_prompt if scorer_prompt is not None else prompt
         texts = [text] * batch_size if isinstance(text, str) else list(text)
         if len(texts) != batch_size:
-            raise ValueError(f"scorer_prompt must be one string or {batch_size} strings, got {len(texts)}")
+            raise ValueError(
+                f"scorer_prompt must be one string or a list with one string per prompt ({batch_size}), "
+                f"got a list of {len(texts)}"
+            )
         return [t for t in texts for _ in range(num_images_per_prompt)]
+
+    def warn_about_decisions(self, trace: list, config: PowerSamplingConfig, plan: "RolloutPlan") -> None:
+        """Log, once per call, the guided steps whose rewards or weights did not act as configured."""
+        warn_nonfinite_rewards(trace)
+        warn_deterministic_rollouts(trace, config.num_rollouts, len(plan.timesteps))
+        warn_dominant_proposal(trace)
 
     def guidance_embedding(self, unet, guidance_scale: float, device, dtype) -> Optional[torch.Tensor]:
         """Guidance-scale embedding (1, D) for UNets distilled with one (LCM), else None."""
@@ -616,9 +678,10 @@ class PowerSamplingMixin:
         """Roll K candidates per image out M times, decode and score: returns rewards (B, K, M) and details.
 
         ``candidates`` (B*K, C, h, w) are main-scheduler latents at step index
-        ``start_index``. Rollout rows are processed in micro-batches of the
-        predictor's row limit, so peak memory follows ``max_batch_size``; their
-        noise is drawn up front, so results do not depend on the micro-batch size.
+        ``start_index``. The predictor micro-batches the UNet calls, and the clean
+        latents are decoded and scored in batches of ``max_batch_size``, so peak
+        memory follows ``max_batch_size``. Rollout noise is drawn up front, so
+        results do not depend on the micro-batch size.
         """
         B = len(prompts)
         K = candidates.shape[0] // B
@@ -635,12 +698,14 @@ class PowerSamplingMixin:
             noise = randn_per_image(shape, generator, B, candidates.device, candidates.dtype)  # (B, K*M, S-1, C, h, w)
             noise = noise.flatten(0, 1)  # (B*K*M, S-1, C, h, w)
 
+        # All K*M latents go through the UNet together, because only the UNet's activations
+        # grow with the batch and the predictor splits those; decoding and scoring go by the cap.
+        clean = self._roll_out(start, rows, indices, noise, plan)  # (B*K*M, C, h, w)
         rewards = []
-        step = plan.predictor.rows_per_call
-        for chunk_start in range(0, start.shape[0], step):
+        step = plan.predictor.max_batch_size
+        for chunk_start in range(0, clean.shape[0], step):
             chunk = slice(chunk_start, chunk_start + step)
-            clean = self._roll_out(start[chunk], rows[chunk], indices, None if noise is None else noise[chunk], plan)
-            images = self.decode_to_unit_images(clean, budget)
+            images = self.decode_to_unit_images(clean[chunk], budget)
             chunk_prompts = [prompts[b] for b in rows[chunk].tolist()]
             rewards.append(self.score_images(scorer, images, chunk_prompts, budget))
         rewards = torch.cat(rewards).view(B, K, M)
@@ -688,12 +753,6 @@ class PowerSamplingMixin:
         # 2. Rollouts, decoded and scored.
         rewards, details = self.rollout_rewards(candidates, step_index + 1, config.num_rollouts, plan, scorer,
                                                 prompts, generator, budget)
-        if details["rollouts_deterministic"] and config.num_rollouts > 1 and not self._warned_deterministic:
-            logger.warning(
-                "rollouts are deterministic (%d rollout step(s), sampler %s, eta %s), so 1 rollout per candidate "
-                "is run instead of %d; use rollout_steps >= 2 with rollout_eta > 0 for M distinct rollouts",
-                details["rollout_steps"], plan.sampler, plan.eta, config.num_rollouts)
-            self._warned_deterministic = True
 
         # 3. Reweight with the core estimators and pick one candidate per image.
         tilted = standardize_rewards(rewards) if config.standardize_rewards else rewards
@@ -719,10 +778,82 @@ class PowerSamplingMixin:
                 "candidate_mode": candidate_mode,
                 "target": target,
                 "log_q": None if log_q is None else log_q.detach().cpu(),
+                "proposal_log_ratio_spread": None if log_q is None else log_ratio_spread(log_p, log_q).cpu(),
                 **details,
             },
         )
         return next_latents, trace
+
+
+def warn_nonfinite_rewards(trace: list) -> None:
+    """Warn when rollouts got zero weight because the scorer returned a non-finite reward."""
+    steps = [decision.index for decision in trace if decision.nonfinite_rollouts]
+    if not steps:
+        return
+    total = sum(decision.nonfinite_rollouts for decision in trace)
+    logger.warning(
+        "%d rollout(s) had non-finite rewards (inf or -inf) at guided steps %s and got zero weight; "
+        "check the scorer, and see trace[i].nonfinite_rollouts for the count per step", total, steps)
+
+
+def warn_deterministic_rollouts(trace: list, num_rollouts: int, num_steps: int) -> None:
+    """Report the guided steps that ran one rollout per candidate although M > 1 was requested.
+
+    A step with one main step left can only roll out to the x0 prediction, so
+    those steps alone get an info message. Any other deterministic step is a
+    setting the caller can change (one-step rollouts, DDIM with rollout_eta=0),
+    and gets a warning naming every step that ran one rollout.
+    """
+    if num_rollouts < 2:
+        return
+    single = [decision.index for decision in trace if decision.extra["rollouts_deterministic"]]
+    avoidable = [index for index in single if num_steps - (index + 1) >= 2]
+    if avoidable:
+        logger.warning(
+            "rollouts were deterministic at guided steps %s, so 1 rollout per candidate ran there instead of %d; "
+            "pass rollout_steps >= 2 and rollout_eta > 0 (or the euler_ancestral rollout sampler) for distinct "
+            "rollouts", single, num_rollouts)
+    elif single:
+        logger.info(
+            "guided steps %s have one main step or none left, so their rollouts are deterministic and 1 rollout "
+            "per candidate ran there instead of %d", single, num_rollouts)
+
+
+def warn_dominant_proposal(trace: list) -> None:
+    """Warn when log p - log q spreads so far across candidates that the reward barely changes the pick."""
+    dominated, widest, reward_widest = [], 0.0, 0.0
+    for decision in trace:
+        spread = decision.extra.get("proposal_log_ratio_spread")
+        if spread is None:
+            continue
+        proposal_spread = float(spread.max())
+        reward_spread = float(log_zeta_spread(decision.log_w).max())
+        if proposal_spread > PROPOSAL_SPREAD_WARNING_NATS and proposal_spread > reward_spread:
+            dominated.append(decision.index)
+            widest, reward_widest = max(widest, proposal_spread), max(reward_widest, reward_spread)
+    if dominated:
+        logger.warning(
+            "candidate_mode='perturbed': at guided steps %s, log p - log q spans up to %.1f nats across the "
+            "candidates but the reward term only %.1f nats, so the proposal correction decides the pick and the "
+            "effective sample size is near 1; use candidate_mode='ancestral' with a stochastic scheduler, or a "
+            "smaller perturbation_scale", dominated, widest, reward_widest)
+
+
+def log_zeta_spread(log_w: torch.Tensor) -> torch.Tensor:
+    """Range over the K candidates of log mean_j w_cj, finite values only: (B, K, M) -> (B,), in nats."""
+    log_zeta = torch.logsumexp(log_w, dim=-1)  # (B, K); the 1/M factor does not change a range
+    finite = torch.isfinite(log_zeta)
+    if not finite.any():
+        return torch.zeros(log_w.shape[0])
+    highest = torch.where(finite, log_zeta, torch.full_like(log_zeta, -math.inf)).max(dim=-1).values
+    lowest = torch.where(finite, log_zeta, torch.full_like(log_zeta, math.inf)).min(dim=-1).values
+    return torch.where(highest >= lowest, highest - lowest, torch.zeros_like(highest))
+
+
+def log_ratio_spread(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Range of log p - log q over the K candidates of each image: (B, K) -> (B,), in nats."""
+    log_ratio = (log_p - log_q).detach()
+    return log_ratio.max(dim=-1).values - log_ratio.min(dim=-1).values
 
 
 def gaussian_log_density(offset: torch.Tensor, variance: float) -> torch.Tensor:

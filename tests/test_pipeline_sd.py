@@ -23,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from psdiffusion.core import PowerSamplingConfig
 from psdiffusion.pipelines import PowerSamplingStableDiffusionPipeline
+from psdiffusion.pipelines.power_sampling_utils import resolve_guided_steps
 from psdiffusion.scorers import CallableScorer
 
 PIPELINE_FILE = Path(__file__).resolve().parents[1] / "pipelines" / "pipeline_power_sampling_sd.py"
@@ -191,7 +192,111 @@ def test_deterministic_rollouts_run_once_and_warn(pipe, caplog):
         output = generate(pipe, num_rollouts=3, rollout_steps=1)
 
     assert all(d.rewards.shape[-1] == 1 for d in output.trace)
-    assert "rollouts are deterministic" in caplog.text
+    assert "rollouts were deterministic at guided steps [0, 1]" in caplog.text
+    assert "instead of 3" in caplog.text
+
+
+def test_last_step_single_rollout_is_info_not_warning(pipe, caplog):
+    # Step 0 rolls out over 2 stochastic steps; step 1 has one main step left, which no setting changes.
+    with caplog.at_level("INFO", logger="psdiffusion.pipelines.power_sampling_utils"):
+        output = generate(pipe, num_rollouts=2, rollout_steps=2)
+
+    assert [d.num_rollouts for d in output.trace] == [2, 1]
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and "deterministic" in r.getMessage()]
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and "deterministic" in r.getMessage()]
+    assert len(infos) == 1
+    assert "guided steps [1]" in infos[0]
+
+
+class BatchSizeRecorder:
+    """Forward pre-hooks that record the batch size of every UNet and VAE-decoder call."""
+
+    def __init__(self, pipe):
+        self.unet, self.vae = [], []
+        self.handles = [
+            pipe.unet.register_forward_pre_hook(lambda module, args: self.unet.append(args[0].shape[0])),
+            pipe.vae.decoder.register_forward_pre_hook(lambda module, args: self.vae.append(args[0].shape[0])),
+        ]
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def size_recording_scorer(sizes):
+    def reward(images, prompts):
+        sizes.append(images.shape[0])
+        return top_left_brightness(images, prompts)
+
+    return CallableScorer(reward)
+
+
+def test_max_batch_size_one_splits_guided_unet_halves(pipe):
+    reference = generate(pipe, seed=6, max_batch_size=64)
+    recorder = BatchSizeRecorder(pipe)
+    try:
+        output = generate(pipe, seed=6, max_batch_size=1)
+    finally:
+        recorder.remove()
+
+    assert max(recorder.unet) == 1
+    assert max(recorder.vae) == 1
+    assert output.budget.unet_rows == reference.budget.unet_rows
+    assert torch.allclose(torch.from_numpy(output.images), torch.from_numpy(reference.images), atol=1e-4)
+
+
+def test_vae_and_scorer_batches_fill_max_batch_size(pipe):
+    scorer_sizes = []
+    recorder = BatchSizeRecorder(pipe)
+    try:
+        output = generate(pipe, num_images_per_prompt=2, num_candidates=3, max_batch_size=5,
+                          scorer=size_recording_scorer(scorer_sizes))
+    finally:
+        recorder.remove()
+
+    # Step 0 scores 2 x 3 x 2 = 12 rollouts, step 1 scores 2 x 3 x 1 = 6.
+    assert scorer_sizes == [5, 5, 2, 5, 1]
+    assert recorder.vae == [5, 5, 2, 5, 1, 2]
+    assert max(recorder.unet) <= 5
+    assert output.budget.scorer_calls == 5
+
+
+def infinite_first_reward(images, prompts):
+    rewards = top_left_brightness(images, prompts)
+    rewards[0] = float("inf")
+    return rewards
+
+
+def test_nonfinite_rewards_warn_once_naming_steps(pipe, caplog):
+    with caplog.at_level("WARNING"):
+        output = generate(pipe, scorer=CallableScorer(infinite_first_reward))
+
+    messages = [r.getMessage() for r in caplog.records if "non-finite rewards" in r.getMessage()]
+    assert len(messages) == 1
+    assert "2 rollout(s) had non-finite rewards (inf or -inf) at guided steps [0, 1]" in messages[0]
+    assert [d.nonfinite_rollouts for d in output.trace] == [1, 1]
+    assert output.trace[0].log_w[0, 0, 0] == -float("inf")
+
+
+def test_perturbed_ddpm_warns_when_proposal_dominates(pipe, caplog):
+    with caplog.at_level("WARNING"):
+        output = generate(pipe, candidate_mode="perturbed", perturbation_scale=2.0, rollout_steps=1,
+                          num_rollouts=1, guided_steps=[0, 1])
+
+    messages = [r.getMessage() for r in caplog.records if "log p - log q spans" in r.getMessage()]
+    assert len(messages) == 1
+    assert "candidate_mode='ancestral'" in messages[0]
+    spreads = [d.extra["proposal_log_ratio_spread"] for d in output.trace]
+    assert all(spread.shape == (1,) for spread in spreads)
+    assert max(float(spread.max()) for spread in spreads) > 20.0
+
+
+def test_ancestral_mode_records_no_proposal_spread(pipe, caplog):
+    with caplog.at_level("WARNING"):
+        output = generate(pipe)
+
+    assert all(d.extra["proposal_log_ratio_spread"] is None for d in output.trace)
+    assert "log p - log q" not in caplog.text
 
 
 @pytest.mark.parametrize("favoured", [0, 2])
@@ -225,6 +330,11 @@ def test_chosen_candidate_becomes_the_image(pipe):
     [
         (dict(num_candidates=0), "num_candidates must be an integer >= 1"),
         (dict(guided_steps=[3]), "guided step 3 is out of range for num_inference_steps=3"),
+        (dict(guided_steps=[0.0, 0.5]), "is a list, so its entries must be integer step indices, got 0.0; "
+                                        "pass a window of fractions as a tuple"),
+        (dict(guided_steps=2), "guided_steps must be 'all', a list of step indices .* or a \\(start, end\\) tuple"),
+        (dict(guided_steps=(0, 2)), "0 <= start < end <= 1, got \\(0, 2\\); pass step indices as a list"),
+        (dict(scorer_prompt=["a", "b"]), "one string or a list with one string per prompt \\(1\\), got a list of 2"),
         (dict(guided_steps=(0.5, 0.2)), "0 <= start < end <= 1"),
         (dict(generator=[torch.Generator().manual_seed(0)] * 3), "list of 3 generators, but the call makes 1"),
         (dict(candidate_mode="beam"), "candidate_mode must be one of"),
@@ -242,6 +352,12 @@ def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
     options.setdefault("generator", torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=message):
         pipe("a cat", **options)
+
+
+def test_guided_steps_accept_numpy_integers():
+    assert resolve_guided_steps(list(np.arange(2)), 3, "ancestral") == [0, 1]
+    assert resolve_guided_steps(np.array([2, 0]), 3, "ancestral") == [0, 2]
+    assert all(type(step) is int for step in resolve_guided_steps(list(np.arange(2)), 3, "ancestral"))
 
 
 def test_incompatible_schedulers_raise(pipe, components):
