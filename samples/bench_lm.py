@@ -53,7 +53,7 @@ def chat(text):
 # -- speed ---------------------------------------------------------------------------------------------------------
 
 def raw_decode_steps(model, cache, next_logits, rows, steps, generator, sample_tokens):
-    """The reference: ``steps`` batched decode steps of ``rows`` rows from a prefilled cache.
+    """Run the reference: ``steps`` batched decode steps of ``rows`` rows from a prefilled cache.
 
     With ``sample_tokens`` each step also draws the next token the way transformers' sampling
     does (softmax and ``torch.multinomial``); without, it feeds fixed tokens (forward passes only).

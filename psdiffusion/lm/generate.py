@@ -48,7 +48,7 @@ def _pad_id(model, tokenizer, eos_ids) -> int:
 
 def build_adapter(model, tokenizer=None, *, block_size=1, block_samples=None, reward_fn=None, answer_fn=None,
                   lam=float("inf")) -> CausalLMAdapter:
-    """A ``CausalLMAdapter`` for ``model``, with the reward that ``reward_fn`` or ``answer_fn`` defines."""
+    """Build a ``CausalLMAdapter`` for ``model``, with the reward that ``reward_fn`` or ``answer_fn`` defines."""
     check_causal_lm(model)
     eos_ids = eos_token_ids(model, tokenizer)
     reward = make_reward(reward_fn, answer_fn, lam)
@@ -85,7 +85,7 @@ def power_generate(
         prompt: a plain-text prompt, or chat messages ``[{"role": ..., "content": ...}]``
             that go through the tokenizer's chat template.
         config: a ``PowerSamplingConfig``, a preset name, or ``None`` (``"balanced"``).
-        max_new_tokens: the most tokens to generate.
+        max_new_tokens: the maximum number of tokens to generate.
         seed: seed of a new generator; pass this or ``generator``.
         generator: the ``torch.Generator`` for every draw, on the model's device.
         block_size: tokens per decision; above 1 the candidates are sampled blocks.

@@ -37,7 +37,7 @@ def check_causal_lm(model) -> None:
 
 
 def eos_token_ids(model, tokenizer=None) -> list[int]:
-    """The end-of-sequence ids of the model's generation config, else of the tokenizer."""
+    """Return the end-of-sequence ids of the model's generation config, else of the tokenizer."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if ids is None:
         ids = getattr(model.config, "eos_token_id", None)
@@ -103,7 +103,7 @@ def forward_logits(model, input_ids: torch.Tensor, cache=None) -> tuple[torch.Te
 
 
 def fork_cache(cache, rows: torch.Tensor):
-    """A new cache holding rows ``rows`` (N,) of ``cache``; the original is left untouched.
+    """Copy rows ``rows`` (N,) of ``cache`` into a new cache, leaving the original untouched.
 
     Layers are shallow-copied and then re-indexed, so only the selected rows are copied.
     """

@@ -61,7 +61,7 @@ class SelfConsistencyReward:
 
 
 def make_reward(reward_fn=None, answer_fn=None, lam: float = math.inf):
-    """The reward object for ``reward_fn`` or ``answer_fn`` (at most one), checked against ``lam``."""
+    """Build the reward for ``reward_fn`` or ``answer_fn`` (at most one) and check it against ``lam``."""
     if reward_fn is not None and answer_fn is not None:
         raise ValueError("pass either reward_fn (a verifier) or answer_fn (self-consistency), not both")
     reward = None
