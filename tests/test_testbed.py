@@ -177,6 +177,6 @@ def test_base_pipeline_accuracy_leaves_room_to_improve(pipe):
         output_type="pt",
     ).images
     accuracy = (testbed.judge_digits(images) == digits).float().mean().item()
-    # 0.68 on the CPU where the models were trained; other hardware may draw slightly different images.
-    assert accuracy > 0.5
-    assert accuracy < 0.85
+    # 0.565 on the CPU where the models were trained; other hardware may draw slightly different images.
+    assert accuracy > 0.4
+    assert accuracy < 0.8

@@ -22,7 +22,7 @@ logger = logging.getLogger("testbed")
 
 
 @torch.no_grad()
-def generate(pipe, prompts, seeds, guidance_scale, num_inference_steps, batch_size=50):
+def generate(pipe, prompts, seeds, guidance_scale, num_inference_steps, eta=0.0, batch_size=50):
     """Return images ``(N, 3, H, W)`` in [0, 1], one per (prompt, seed) pair, generated in batches."""
     images = []
     for start in range(0, len(prompts), batch_size):
@@ -31,6 +31,7 @@ def generate(pipe, prompts, seeds, guidance_scale, num_inference_steps, batch_si
             prompt=list(prompts[start : start + batch_size]),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
+            eta=eta,
             generator=generators,
             output_type="pt",
         )
@@ -47,12 +48,12 @@ def bootstrap_ci(hits, num_resamples=10_000, seed=0):
     return low.item(), high.item()
 
 
-def judged_accuracy(pipe, judge, per_digit, guidance_scale, num_inference_steps):
+def judged_accuracy(pipe, judge, per_digit, guidance_scale, num_inference_steps, eta=0.0):
     """Return ``(accuracy, hits (N,), per-digit accuracy list)`` of prompts judged by ``judge``."""
     digits = torch.arange(10).repeat_interleave(per_digit)  # N
     prompts = [make_caption(int(d)) for d in digits]
     seeds = list(range(per_digit)) * 10
-    images = generate(pipe, prompts, seeds, guidance_scale, num_inference_steps)
+    images = generate(pipe, prompts, seeds, guidance_scale, num_inference_steps, eta)
     with torch.no_grad():
         hits = judge(images).argmax(dim=1) == digits
     per_digit_accuracy = hits.view(10, per_digit).float().mean(dim=1).tolist()
@@ -96,6 +97,8 @@ def main():
                         help="classifier-free guidance scales to measure")
     parser.add_argument("--steps", type=int, default=testbed.DEFAULTS["num_inference_steps"],
                         help="scheduler steps per image")
+    parser.add_argument("--eta", type=float, default=0.0,
+                        help="DDIM eta: 0 is deterministic DDIM, 1 adds DDPM-like noise at every step")
     parser.add_argument("--model-dir", help="diffusers folder to measure instead of the shipped digits-sd")
     parser.add_argument("--skip-reference-models", action="store_true",
                         help="measure only the pipeline, not CLIP, the judge and the asset sizes")
@@ -115,7 +118,7 @@ def main():
     pipe.set_progress_bar_config(disable=True)
     judge = testbed.load_judge()
     for scale in args.guidance_scales:
-        accuracy, hits, per_digit = judged_accuracy(pipe, judge, args.per_digit, scale, args.steps)
+        accuracy, hits, per_digit = judged_accuracy(pipe, judge, args.per_digit, scale, args.steps, args.eta)
         low, high = bootstrap_ci(hits)
         results["judged_accuracy"][str(scale)] = {"accuracy": accuracy, "ci95": [low, high], "per_digit": per_digit}
         logger.info("guidance %.1f: judged accuracy %.3f (95%% CI %.3f-%.3f) over %d images; per digit %s",

@@ -4,8 +4,9 @@ Needs the VAE (train_vae.py) and the tokenizer (build_tokenizer.py) in the asset
 first. The UNet denoises 8x8x4 VAE latents under the DDPM noise schedule with epsilon
 prediction; the tiny CLIPTextModel trains along with it. Captions are replaced by ""
 with probability ``--uncond-probability`` so that classifier-free guidance works.
-Every ``--eval-every`` steps the script generates 5 images per digit and logs the
-share the judge names correctly.
+Every ``--eval-every`` steps the script generates 5 images per digit, logs the
+share the judge names correctly and saves a checkpoint. The shipped model is the
+step-1600 checkpoint, exported with ``--export`` (see samples/testbed/README.md).
 
 Run from the repository root: ``PYTHONPATH=. python samples/testbed/train_unet.py``.
 """
