@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 import time
 from pathlib import Path
 
 DEFAULT_PROMPTS_PER_DIGIT = 2
 DEFAULT_SEEDS = 2
+# Options of the image parser, kept to rebuild a run's command line for its report.
+_IMAGE_PARSER_ACTIONS: list = []
 
 
 def add_parser(subparsers) -> None:
@@ -38,6 +39,11 @@ def add_parser(subparsers) -> None:
                              f"(default: {DEFAULT_PROMPTS_PER_DIGIT}; 1 with --quick; 11 is all)")
     parser.add_argument("--methods", nargs="+", default=None,
                         help="methods besides the base sampler (default: best-of-n svdd fk power-1step power-rollout)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance scale of every method (default: the test bed's default, 1.0); "
+                             "1 turns guidance off and halves the UNet rows per step")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps of the base sampler (default: the test bed's, 20)")
     parser.add_argument("--power-rollout-steps", type=int, default=4,
                         help="rollout denoising steps of power-rollout (default: 4)")
     parser.add_argument("--power-lam", type=float, default=0.5,
@@ -65,6 +71,7 @@ def add_parser(subparsers) -> None:
                              "other jobs, where waiting threads spin")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/image"),
                         help="output folder (default: docs/benchmarks/image)")
+    _IMAGE_PARSER_ACTIONS[:] = parser._actions
 
 
 def select_prompts(prompts_per_digit: int) -> tuple:
@@ -82,6 +89,7 @@ def select_prompts(prompts_per_digit: int) -> tuple:
 
 
 def build_settings(args):
+    from psdiffusion import testbed
     from psdiffusion.image_bench import DEFAULT_BUDGETS, METHODS, QUICK_BUDGETS, BenchSettings
 
     prompts_per_digit = args.prompts_per_digit or (1 if args.quick else DEFAULT_PROMPTS_PER_DIGIT)
@@ -100,8 +108,14 @@ def build_settings(args):
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"error: unknown --methods {unknown}; choose from {' '.join(METHODS)}")
+    steps = args.steps or testbed.DEFAULTS["num_inference_steps"]
+    guidance_scale = testbed.DEFAULTS["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+    if steps < 2:
+        raise SystemExit(f"error: --steps must be >= 2, got {steps}")
     return BenchSettings(
         prompts=select_prompts(prompts_per_digit),
+        steps=steps,
+        guidance_scale=guidance_scale,
         seeds=tuple(range(seeds)),
         budgets=tuple(sorted(set(budgets))),
         methods=methods,
@@ -119,6 +133,22 @@ def build_settings(args):
     )
 
 
+def describe_command(args) -> str:
+    """Rebuild the command line of this run from its parsed options, for the report."""
+    words = ["psdiffusion", "bench", "image"]
+    for action in _IMAGE_PARSER_ACTIONS:
+        value = getattr(args, action.dest, action.default)
+        if value == action.default or action.dest == "help":
+            continue
+        if value is True:
+            words.append(action.option_strings[0])
+        elif isinstance(value, (list, tuple)):
+            words += [action.option_strings[0], *(f"{v:g}" if isinstance(v, float) else str(v) for v in value)]
+        else:
+            words += [action.option_strings[0], str(value)]
+    return " ".join(shlex.quote(word) for word in words)
+
+
 def main(args) -> int:
     settings = build_settings(args)
 
@@ -131,8 +161,7 @@ def main(args) -> int:
             raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
 
-    command = "psdiffusion " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else \
-        "psdiffusion bench image"
+    command = describe_command(args)
     context = BenchContext.load(args.device)
     start = time.perf_counter()
 

@@ -4,7 +4,7 @@ Every method gets the same compute budget: a multiple of the base sampler's UNet
 rows per image, where a latent under classifier-free guidance counts twice. Each
 method's settings (N, K, particles, guided steps) are planned to spend at most that
 budget. Images are judged by the guiding CLIP reward, by the test bed's independent
-digit classifier, and by diversity across seeds; every mean carries a paired
+digit classifier, and by diversity across seeds. Every mean carries a paired
 bootstrap confidence interval over (prompt, seed) units.
 """
 
@@ -59,7 +59,7 @@ class BenchSettings:
     budgets: tuple = DEFAULT_BUDGETS
     methods: tuple = METHODS
     steps: int = 20
-    guidance_scale: float = 3.0
+    guidance_scale: float = 1.0
     eta: float = 1.0
     svdd_lam: float = 0.0
     fk_lam: float = 1.0

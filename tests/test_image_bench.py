@@ -35,7 +35,7 @@ def single_thread():
 
 
 def make_settings(**changes):
-    return BenchSettings(prompts=("a handwritten digit seven",), **changes)
+    return BenchSettings(prompts=("a handwritten digit seven",), guidance_scale=3.0, **changes)
 
 
 @pytest.mark.parametrize("method", METHODS)
