@@ -57,7 +57,7 @@ def write_reward_plot(records: list[dict], folder: Path) -> Path:
         axes.plot(steps, [row["mean_reward"] for row in record["trace"]], linestyle=":", color="grey")
     axes.set_xlabel("denoising step")
     axes.set_ylabel("CLIP reward of rollouts")
-    axes.set_title("Power sampling: rollout reward by step (dotted: mean of all candidates)")
+    axes.set_title("Rollout reward by step (dotted: mean over all candidates)", fontsize=10)
     axes.legend(fontsize=7)
     figure.tight_layout()
     path = folder / "reward_by_step.png"
