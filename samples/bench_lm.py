@@ -130,6 +130,7 @@ def bench_fidelity(model, tokenizer, config, prompts, max_new_tokens):
             record = per_method[name]
             record["log_p"].append(result.log_p)
             # alpha * log p(x) - log q(x): its mean over draws is alpha*E[log p] + H(q), a lower bound on log Z.
+            # NOTE: power's log q sums log pi_hat of the chosen tokens, an estimate of its true step probabilities.
             record["bound_terms"].append(config.alpha * result.log_p - result.log_q)
             record["seconds"].append(result.budget.seconds)
             record["tokens"].append(result.budget.rollout_steps)
@@ -156,37 +157,50 @@ def bench_fidelity(model, tokenizer, config, prompts, max_new_tokens):
 
 # -- tasks -----------------------------------------------------------------------------------------------------------
 
-def task_methods(config, max_new_tokens, mcmc_steps):
-    """Every method of the task comparison; best-of-N and self-consistency get power's token budget."""
-    n = config.num_candidates * config.num_rollouts * config.rollout_length
+def task_methods(config, max_new_tokens, power_tokens, max_mcmc_steps):
+    """Every method of the task comparison, with options matched to power's sampled tokens on this item.
+
+    Best-of-N and self-consistency draw ``power_tokens / max_new_tokens`` samples. An MH step of
+    MCMC redraws about half the text, so it gets ``2 * (power_tokens - max_new_tokens) / max_new_tokens``
+    steps, capped at ``max_mcmc_steps`` because each step is a sequential batch-1 decode.
+    """
+    n = max(1, round(power_tokens / max_new_tokens))
+    mcmc_steps = min(max_mcmc_steps, max(1, round(2 * (power_tokens - max_new_tokens) / max_new_tokens)))
     return {
         "greedy": ("greedy", {}),
         "low-temp": ("low-temp", {"alpha": config.alpha}),
         "best-of-n": ("best-of-n", {"n": n}),
         "self-consistency": ("self-consistency", {"n": n}),
         "mcmc": ("mcmc", {"alpha": config.alpha, "mcmc_steps": mcmc_steps, "block_size": max_new_tokens}),
-        "power": ("power", {"config": config}),
     }
 
 
 def bench_tasks(model, tokenizer, config, items, max_new_tokens, mcmc_steps):
-    methods = task_methods(config, max_new_tokens, mcmc_steps)
-    correct = {name: [] for name in methods}
-    tokens = {name: [] for name in methods}
-    seconds = {name: [] for name in methods}
+    names = ["greedy", "low-temp", "best-of-n", "self-consistency", "mcmc", "power"]
+    correct = {name: [] for name in names}
+    tokens = {name: [] for name in names}
+    seconds = {name: [] for name in names}
+
+    def record(name, item, result):
+        correct[name].append(float(is_correct(item, result.text)))
+        tokens[name].append(result.budget.rollout_steps)
+        seconds[name].append(result.budget.seconds)
+
     for i, item in enumerate(items):
+        power = decode("power", model, tokenizer, chat(item.prompt), max_new_tokens,
+                       torch.Generator().manual_seed(2000 + i), config=config)
+        record("power", item, power)
+        methods = task_methods(config, max_new_tokens, power.budget.rollout_steps, mcmc_steps)
         for name, (method, options) in methods.items():
             if method == "self-consistency":
                 options = dict(options, answer_fn=lambda text, task=item.task: extract_answer(task, text))
             generator = torch.Generator().manual_seed(2000 + i)
             result = decode(method, model, tokenizer, chat(item.prompt), max_new_tokens, generator, **options)
-            correct[name].append(float(is_correct(item, result.text)))
-            tokens[name].append(result.budget.rollout_steps)
-            seconds[name].append(result.budget.seconds)
+            record(name, item, result)
         print(f"  task item {i + 1}/{len(items)}", file=sys.stderr)
 
     summary = {}
-    for name in methods:
+    for name in names:
         summary[name] = {"accuracy": bootstrap_ci(correct[name]), "mean_sampled_tokens": float(np.mean(tokens[name])),
                          "mean_seconds": float(np.mean(seconds[name])),
                          "by_task": {task: float(np.mean([c for c, it in zip(correct[name], items) if it.task == task]))
@@ -197,7 +211,7 @@ def bench_tasks(model, tokenizer, config, items, max_new_tokens, mcmc_steps):
         print(f"tasks {name:17s} accuracy {acc['mean']:.3f} [{acc['ci_low']:.3f}, {acc['ci_high']:.3f}]  "
               f"tokens/item {summary[name]['mean_sampled_tokens']:7.0f}  s/item {summary[name]['mean_seconds']:.1f}")
     return {"items": len(items), "max_new_tokens": max_new_tokens, "config": vars_config(config),
-            "mcmc_steps": mcmc_steps, "methods": summary}
+            "max_mcmc_steps": mcmc_steps, "methods": summary}
 
 
 # -- MCMC -----------------------------------------------------------------------------------------------------------
