@@ -8,7 +8,7 @@ STAMP := $(VENV)/.psdiffusion-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-slow bench-engine bench-scorers bench-pipeline clean
+.PHONY: install demo test test-slow bench-engine bench-scorers bench-pipeline bench-lm clean
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ bench-scorers: install
 
 bench-pipeline: install
 	$(PY) samples/bench_pipeline.py --out bench-results/pipeline.json
+
+bench-lm: install
+	$(PY) samples/bench_lm.py --quick --threads 1 --out bench-results/lm.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
