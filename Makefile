@@ -8,7 +8,7 @@ STAMP := $(VENV)/.psdiffusion-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-slow bench-engine bench-scorers bench-pipeline bench-lm clean
+.PHONY: install demo test test-slow bench-engine bench-scorers bench-pipeline bench-lm bench-image bench-image-quick clean
 
 install: $(STAMP)
 
@@ -41,6 +41,12 @@ bench-pipeline: install
 
 bench-lm: install
 	$(PY) samples/bench_lm.py --quick --threads 1 --out bench-results/lm.json
+
+bench-image: install
+	$(PY) -m psdiffusion.cli bench image --threads 1 --out docs/benchmarks/image
+
+bench-image-quick: install
+	$(PY) -m psdiffusion.cli bench image --quick --threads 1 --out bench-results/image-quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

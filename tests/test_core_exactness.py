@@ -28,7 +28,8 @@ def model():
 
 
 def config(**changes):
-    base = dict(num_candidates=3, num_rollouts=8, rollout_length=None, alpha=ALPHA, estimator="plain")
+    base = dict(num_candidates=3, num_rollouts=8, rollout_length=None, alpha=ALPHA, estimator="plain",
+                rollout_proposal="base")
     base.update(changes)
     return PowerSamplingConfig(**base)
 
