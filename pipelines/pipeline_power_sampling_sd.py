@@ -223,7 +223,10 @@ class PowerSamplingStableDiffusionPipeline(PowerSamplingMixin, StableDiffusionPi
                 s, the scale of the noise added to the noise prediction in perturbed mode.
             rollout_steps (`int`, *optional*):
                 Denoising steps of each rollout, spread evenly over the remaining main timesteps; overrides
-                `rollout_length` of the config. 1 is the one-step x0 prediction.
+                `rollout_length` of the config. 1 is the one-step x0 prediction. With the main UNet and guidance
+                (no separate `rollout_unet` or `rollout_guidance_scale`), a one-step rollout's noise prediction
+                at the chosen candidate is reused as the main chain's next one, saving one UNet row per image and
+                guided step (two with classifier-free guidance).
             rollout_scheduler (`str` or scheduler, *optional*, defaults to `"ddim"`):
                 Rollout sampler: `"ddim"` (with `rollout_eta`) or `"euler_ancestral"`, or a `DDIMScheduler` /
                 `EulerAncestralDiscreteScheduler` instance, whose `prediction_type` then applies to the
@@ -364,6 +367,8 @@ class PowerSamplingStableDiffusionPipeline(PowerSamplingMixin, StableDiffusionPi
             prediction_type=prediction_config.prediction_type,
         )
         rows = torch.arange(num_images, device=device)
+        reuse_rollouts = self._reuse_rollout_prediction and plan.repeats_main_prediction(predictor)
+        kept = None
 
         # 7. Denoising loop: base steps, and power-sampling decisions at the guided steps.
         trace = []
@@ -374,17 +379,19 @@ class PowerSamplingStableDiffusionPipeline(PowerSamplingMixin, StableDiffusionPi
                     continue
 
                 latent_model_input = self.scheduler.scale_model_input(latents, t)
-                noise_pred = predictor(latent_model_input, t, rows)
+                noise_pred = self.predict_noise(predictor, latent_model_input, t, rows, i, kept)
 
                 if i in guided:
-                    latents, decision = self.power_sampling_step(
+                    latents, decision, kept = self.power_sampling_step(
                         i, t, latents, noise_pred, config=config, candidate_mode=candidate_mode,
                         perturbation_scale=perturbation_scale, eta=eta, step_kwargs=step_kwargs, plan=plan,
                         scorer=scorer, prompts=prompts, generator=generator, budget=budget,
+                        keep_prediction=reuse_rollouts,
                     )
                     trace.append(decision)
                 else:
                     latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+                    kept = None
 
                 if callback_on_step_end is not None:
                     available = {"latents": latents, "prompt_embeds": prompt_embeds,

@@ -304,6 +304,8 @@ class PowerSamplingStableDiffusionXLPipeline(PowerSamplingMixin, StableDiffusion
             prediction_type=prediction_config.prediction_type,
         )
         rows = torch.arange(num_images, device=device)
+        reuse_rollouts = self._reuse_rollout_prediction and plan.repeats_main_prediction(predictor)
+        kept = None
 
         # The SDXL VAE overflows in float16 unless its config allows it; rollouts decode too, so upcast for the call.
         needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
@@ -319,17 +321,19 @@ class PowerSamplingStableDiffusionXLPipeline(PowerSamplingMixin, StableDiffusion
                     continue
 
                 latent_model_input = self.scheduler.scale_model_input(latents, t)
-                noise_pred = predictor(latent_model_input, t, rows)
+                noise_pred = self.predict_noise(predictor, latent_model_input, t, rows, i, kept)
 
                 if i in guided:
-                    latents, decision = self.power_sampling_step(
+                    latents, decision, kept = self.power_sampling_step(
                         i, t, latents, noise_pred, config=config, candidate_mode=candidate_mode,
                         perturbation_scale=perturbation_scale, eta=eta, step_kwargs=step_kwargs, plan=plan,
                         scorer=scorer, prompts=prompts, generator=generator, budget=budget,
+                        keep_prediction=reuse_rollouts,
                     )
                     trace.append(decision)
                 else:
                     latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+                    kept = None
 
                 if callback_on_step_end is not None:
                     available = {"latents": latents, "prompt_embeds": prompt_embeds,

@@ -133,9 +133,11 @@ class PowerSamplingPipelineOutput(BaseOutput):
             size, `chosen` (B,) the picked candidate, `num_rollouts` the M actually
             run, `nonfinite_rollouts` how many rollouts got zero weight for a
             non-finite reward. `extra` holds `timestep`, `candidate_mode`,
-            `rollout_steps`, `rollouts_deterministic`, `target`, `log_q` (B, K)
-            and `proposal_log_ratio_spread` (B,), the range of log p - log q over
-            the candidates in nats; the last two are `None` where p/q cancels.
+            `rollout_steps`, `rollouts_deterministic`, `reused_noise_pred` (whether
+            the main chain's next step took its noise prediction from this step's
+            rollout of the chosen candidate), `target`, `log_q` (B, K) and
+            `proposal_log_ratio_spread` (B,), the range of log p - log q over the
+            candidates in nats; the last two are `None` where p/q cancels.
         budget (`PipelineBudget`):
             UNet calls and rows, VAE decodes, scorer calls and wall-clock seconds.
     """
@@ -506,6 +508,58 @@ class RolloutPlan:
     def is_stochastic(self, indices: list[int]) -> bool:
         return len(indices) >= 2 and (self.sampler == "euler_ancestral" or self.eta > 0)
 
+    def repeats_main_prediction(self, predictor: NoisePredictor) -> bool:
+        """Whether a one-step rollout evaluates the same model as ``predictor``, so its output can stand in.
+
+        A one-step rollout from step index i calls the rollout predictor once, at
+        the candidate and timestep i + 1. With the main UNet and the same guidance,
+        that is the main chain's next call once the candidate is chosen.
+        """
+        # TODO: reuse the first step of multi-step rollouts too (it is the same call, one more saved row per step).
+        rollout = self.predictor
+        same_guidance_embedding = (
+            rollout.timestep_cond is predictor.timestep_cond
+            or (rollout.timestep_cond is not None and predictor.timestep_cond is not None
+                and torch.equal(rollout.timestep_cond, predictor.timestep_cond))
+        )
+        return (
+            self.num_steps == 1
+            and rollout.unet is predictor.unet
+            and rollout.guidance_scale == predictor.guidance_scale
+            and rollout.guidance_rescale == predictor.guidance_rescale
+            and rollout.cross_attention_kwargs is predictor.cross_attention_kwargs
+            and rollout.added_cond is predictor.added_cond
+            and same_guidance_embedding
+        )
+
+
+@dataclass
+class RolloutPrediction:
+    """The guided model output of a one-step rollout at the chosen candidates, kept for the main chain.
+
+    Attributes:
+        step_index: main step index at which the rollout evaluated the UNet.
+        latents: (B, C, h, w) UNet input of the rollout, the chosen candidates.
+        model_output: (B, C, h, w) guided model output at ``latents``.
+        prompt_embeds: the text embeddings the rollout was conditioned on.
+        decision: trace of the guided step that made the rollout; marked when the output is used.
+    """
+
+    step_index: int
+    latents: torch.Tensor
+    model_output: torch.Tensor
+    prompt_embeds: torch.Tensor
+    decision: DecisionTrace
+
+    def matches(self, step_index: int, latent_model_input: torch.Tensor, prompt_embeds: torch.Tensor) -> bool:
+        """Whether the main chain's call at ``step_index`` has exactly the rollout's inputs."""
+        # NOTE: a callback that edits the prompt embeddings in place is not detected; one that replaces them is.
+        return (
+            step_index == self.step_index
+            and prompt_embeds is self.prompt_embeds
+            and torch.equal(latent_model_input, self.latents)
+        )
+
 
 class PowerSamplingMixin:
     """Guided steps of a power-sampling pipeline: candidates, rollouts, scores, reweighting and selection.
@@ -513,6 +567,18 @@ class PowerSamplingMixin:
     The pipeline class provides ``scheduler``, ``vae``, ``image_processor`` and
     ``scorer``; ``decode_to_unit_images`` may be overridden (SDXL upcasts its VAE).
     """
+
+    # Whether a one-step rollout's output at the chosen candidate replaces the main chain's next UNet call.
+    # Tests switch it off to compare against the images without the reuse.
+    _reuse_rollout_prediction = True
+
+    def predict_noise(self, predictor: NoisePredictor, latent_model_input, timestep, rows, step_index: int,
+                      kept: Optional[RolloutPrediction]) -> torch.Tensor:
+        """Guided model output of the main chain at ``step_index``, taken from ``kept`` when it has the same inputs."""
+        if kept is not None and kept.matches(step_index, latent_model_input, predictor.prompt_embeds):
+            kept.decision.extra["reused_noise_pred"] = True
+            return kept.model_output
+        return predictor(latent_model_input, timestep, rows)
 
     def check_power_sampling_inputs(self, scorer, candidate_mode, eta, generator, num_images, rollout_unet,
                                     scorer_prompt, prompt):
@@ -681,7 +747,8 @@ class PowerSamplingMixin:
         ``start_index``. The predictor micro-batches the UNet calls, and the clean
         latents are decoded and scored in batches of ``max_batch_size``, so peak
         memory follows ``max_batch_size``. Rollout noise is drawn up front, so
-        results do not depend on the micro-batch size.
+        results do not depend on the micro-batch size. Also returns the model
+        output (B*K*M, C, h, w) of the rollouts' first step, ``None`` without steps.
         """
         B = len(prompts)
         K = candidates.shape[0] // B
@@ -700,7 +767,7 @@ class PowerSamplingMixin:
 
         # All K*M latents go through the UNet together, because only the UNet's activations
         # grow with the batch and the predictor splits those; decoding and scoring go by the cap.
-        clean = self._roll_out(start, rows, indices, noise, plan)  # (B*K*M, C, h, w)
+        clean, first_output = self._roll_out(start, rows, indices, noise, plan)  # (B*K*M, C, h, w) each
         rewards = []
         step = plan.predictor.max_batch_size
         for chunk_start in range(0, clean.shape[0], step):
@@ -709,28 +776,39 @@ class PowerSamplingMixin:
             chunk_prompts = [prompts[b] for b in rows[chunk].tolist()]
             rewards.append(self.score_images(scorer, images, chunk_prompts, budget))
         rewards = torch.cat(rewards).view(B, K, M)
-        return rewards, {"rollout_steps": len(indices), "rollouts_deterministic": not stochastic}
+        return rewards, {"rollout_steps": len(indices), "rollouts_deterministic": not stochastic}, first_output
 
     def _roll_out(self, sample, rows, indices, noise, plan: RolloutPlan):
-        """Denoise variance-preserving samples along main step ``indices`` to clean latents."""
+        """Denoise variance-preserving samples along main step ``indices`` to clean latents.
+
+        Returns the clean latents and the model output of the first step (``None`` without steps).
+        """
+        first_output = None
         for s, index in enumerate(indices):
             alpha_bar = float(plan.alpha_bars[index])
             model_output = plan.predictor(sample, plan.timesteps[index], rows)
+            if s == 0:
+                first_output = model_output
             x0_pred, eps_pred = split_prediction(model_output, sample, alpha_bar, plan.prediction_type)
             if s == len(indices) - 1:
-                return x0_pred
+                return x0_pred, first_output
             alpha_bar_next = float(plan.alpha_bars[indices[s + 1]])
             step_noise = None if noise is None else noise[:, s]
             if plan.sampler == "ddim":
                 sample = ddim_step(x0_pred, eps_pred, alpha_bar, alpha_bar_next, plan.eta, step_noise)
             else:
                 sample = euler_ancestral_step(x0_pred, eps_pred, alpha_bar, alpha_bar_next, step_noise)
-        return sample  # no indices left: the candidate is already clean
+        return sample, first_output  # no indices left: the candidate is already clean
 
     def power_sampling_step(self, step_index, timestep, latents, model_output, *, config: PowerSamplingConfig,
                             candidate_mode, perturbation_scale, eta, step_kwargs, plan: RolloutPlan, scorer,
-                            prompts, generator, budget: PipelineBudget):
-        """One guided step: returns the chosen next latents (B, C, h, w) and the step's DecisionTrace."""
+                            prompts, generator, budget: PipelineBudget, keep_prediction: bool = False):
+        """Take one guided step: returns the chosen next latents (B, C, h, w), the DecisionTrace and a kept prediction.
+
+        With ``keep_prediction`` and a one-step rollout, the rollout's model output at
+        the chosen candidates comes back as a RolloutPrediction for the main chain's
+        next step; otherwise the third value is ``None``.
+        """
         B, K = latents.shape[0], config.num_candidates
 
         # 1. Candidates and their base / proposal log-densities.
@@ -751,7 +829,7 @@ class PowerSamplingMixin:
                 self.scheduler.config.prediction_type, generator)
 
         # 2. Rollouts, decoded and scored.
-        rewards, details = self.rollout_rewards(candidates, step_index + 1, config.num_rollouts, plan, scorer,
+        rewards, details, first_output = self.rollout_rewards(candidates, step_index + 1, config.num_rollouts, plan, scorer,
                                                 prompts, generator, budget)
 
         # 3. Reweight with the core estimators and pick one candidate per image.
@@ -759,7 +837,8 @@ class PowerSamplingMixin:
         log_w, nonfinite = rollout_log_weights(torch.zeros_like(tilted), config.alpha, config.lam, tilted)
         log_pi, degenerate = reweight(log_p, log_w, config, log_q)  # (B, K)
         chosen = select_per_image(log_pi, config.selection, generator)  # (B,)
-        next_latents = candidates.view(B, K, *latents.shape[1:])[torch.arange(B, device=latents.device), chosen]
+        images = torch.arange(B, device=latents.device)
+        next_latents = candidates.view(B, K, *latents.shape[1:])[images, chosen]  # (B, C, h, w)
         budget.decisions += 1
 
         trace = DecisionTrace(
@@ -779,10 +858,22 @@ class PowerSamplingMixin:
                 "target": target,
                 "log_q": None if log_q is None else log_q.detach().cpu(),
                 "proposal_log_ratio_spread": None if log_q is None else log_ratio_spread(log_p, log_q).cpu(),
+                "reused_noise_pred": False,
                 **details,
             },
         )
-        return next_latents, trace
+
+        kept = None
+        if keep_prediction and details["rollout_steps"] == 1:
+            alpha_bar_next = float(plan.alpha_bars[step_index + 1])
+            kept = RolloutPrediction(
+                step_index=step_index + 1,
+                latents=to_variance_preserving(self.scheduler, next_latents, alpha_bar_next),
+                model_output=first_output.view(B, K, *first_output.shape[1:])[images, chosen],  # (B, C, h, w)
+                prompt_embeds=plan.predictor.prompt_embeds,
+                decision=trace,
+            )
+        return next_latents, trace, kept
 
 
 def warn_nonfinite_rewards(trace: list) -> None:

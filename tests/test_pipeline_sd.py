@@ -476,3 +476,81 @@ def test_custom_pipeline_loads_saved_pipeline(components, tmp_path):
     output = generate(pipe, num_inference_steps=2, rollout_steps=1, num_rollouts=1)
     assert output.images.shape == (1, 32, 32, 3)
     assert len(output.trace) == 1
+
+
+def generate_one_step(pipe, reuse, **kwargs):
+    pipe._reuse_rollout_prediction = reuse
+    options = dict(seed=2, num_inference_steps=4, num_candidates=3, num_rollouts=1, rollout_steps=1,
+                   num_images_per_prompt=2)
+    options.update(kwargs)
+    return generate(pipe, **options)
+
+
+def test_one_step_rollout_reuse_keeps_images(pipe):
+    without = generate_one_step(pipe, reuse=False)
+    reused = generate_one_step(pipe, reuse=True)
+
+    assert [d.chosen.tolist() for d in reused.trace] == [d.chosen.tolist() for d in without.trace]
+    assert abs(reused.images - without.images).max() <= 1e-5
+
+
+def test_one_step_rollout_reuse_saves_rows(pipe):
+    without = generate_one_step(pipe, reuse=False)
+    reused = generate_one_step(pipe, reuse=True)
+
+    # Guided steps 0, 1 and 2 each hand the next step its prediction: 2 images x 2 guidance rows apiece.
+    assert [d.index for d in reused.trace] == [0, 1, 2]
+    assert all(d.extra["reused_noise_pred"] for d in reused.trace)
+    assert not any(d.extra["reused_noise_pred"] for d in without.trace)
+    assert without.budget.unet_rows - reused.budget.unet_rows == 3 * 2 * 2
+    assert without.budget.unet_calls - reused.budget.unet_calls == 3
+
+
+def test_one_step_rollout_reuse_keeps_images_with_ddim(pipe, components):
+    pipe.scheduler = DDIMScheduler.from_config(components["scheduler"].config)
+    without = generate_one_step(pipe, reuse=False, eta=1.0)
+    reused = generate_one_step(pipe, reuse=True, eta=1.0)
+
+    assert all(d.extra["reused_noise_pred"] for d in reused.trace)
+    assert abs(reused.images - without.images).max() <= 1e-5
+    assert without.budget.unet_rows - reused.budget.unet_rows == 3 * 2 * 2
+
+
+def test_no_reuse_with_rollout_unet(pipe, components):
+    rollout_unet = UNet2DConditionModel.from_config(components["unet"].config).eval()
+    rollout_unet.load_state_dict(components["unet"].state_dict())
+
+    output = generate_one_step(pipe, reuse=True, rollout_unet=rollout_unet)
+
+    assert not any(d.extra["reused_noise_pred"] for d in output.trace)
+    # Per image and guidance branch: 4 main steps and 3 candidates at each of 3 guided steps.
+    assert output.budget.unet_rows == 2 * 2 * (4 + 3 * 3)
+
+
+def test_no_reuse_with_own_rollout_guidance(pipe):
+    output = generate_one_step(pipe, reuse=True, rollout_guidance_scale=3.0)
+
+    assert not any(d.extra["reused_noise_pred"] for d in output.trace)
+
+
+def test_no_reuse_with_multi_step_rollouts(pipe):
+    output = generate_one_step(pipe, reuse=True, rollout_steps=2)
+
+    assert not any(d.extra["reused_noise_pred"] for d in output.trace)
+    # Per image and guidance branch: 4 main steps; rollouts of 2, 2 and 1 steps for 3 candidates.
+    assert output.budget.unet_rows == 2 * 2 * (4 + 3 * (2 + 2 + 1))
+
+
+def test_no_reuse_after_callback_changes_latents(pipe):
+    def shift_latents(pipeline, step, timestep, callback_kwargs):
+        return {"latents": callback_kwargs["latents"] + 0.1}
+
+    def observe(pipeline, step, timestep, callback_kwargs):
+        return {}
+
+    shifted = generate_one_step(pipe, reuse=True, callback_on_step_end=shift_latents)
+    observed = generate_one_step(pipe, reuse=True, callback_on_step_end=observe)
+
+    assert not any(d.extra["reused_noise_pred"] for d in shifted.trace)
+    assert shifted.budget.unet_rows == 2 * 2 * (4 + 3 * 3)
+    assert all(d.extra["reused_noise_pred"] for d in observed.trace)
