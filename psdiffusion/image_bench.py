@@ -156,27 +156,34 @@ def power_step_cost(step: int, rollout_steps: int, settings: BenchSettings) -> i
     return settings.rows_per_step * min(rollout_steps, remaining)
 
 
+def power_rows(k: int, guided: list, rollout_steps: int, settings: BenchSettings) -> int:
+    """UNet rows of one power-sampled image with K candidates at the ``guided`` steps."""
+    rows = settings.base_rows + k * sum(power_step_cost(i, rollout_steps, settings) for i in guided)
+    if rollout_steps == 1:
+        # The kept candidate's one-step rollout output is reused as the next main step's noise prediction.
+        rows -= settings.rows_per_step * len(guided)
+    return rows
+
+
 def _plan_power(method, multiple, budget_rows, rollout_steps, settings) -> Optional[MethodPlan]:
     all_steps = list(range(settings.steps - 1))
-    extra = budget_rows - settings.base_rows
     per_candidate = sum(power_step_cost(i, rollout_steps, settings) for i in all_steps)
-    k = extra // per_candidate
+    k = (budget_rows - power_rows(0, all_steps, rollout_steps, settings)) // per_candidate
     guided = all_steps
     if k < 2:
         k = 2
-        guided = _fit_steps(all_steps, extra, k, rollout_steps, settings)
+        guided = _fit_steps(all_steps, budget_rows, k, rollout_steps, settings)
         if not guided:
             return None
-    rows = settings.base_rows + k * sum(power_step_cost(i, rollout_steps, settings) for i in guided)
     plan = {"num_candidates": k, "guided_steps": guided, "rollout_steps": rollout_steps}
-    return MethodPlan(method, multiple, plan, rows)
+    return MethodPlan(method, multiple, plan, power_rows(k, guided, rollout_steps, settings))
 
 
-def _fit_steps(all_steps, extra_rows, k, rollout_steps, settings) -> list:
-    """Largest set of guided steps in the configured window whose K candidates' rollouts fit ``extra_rows``."""
+def _fit_steps(all_steps, budget_rows, k, rollout_steps, settings) -> list:
+    """Largest set of guided steps in the configured window whose K candidates' rollouts fit ``budget_rows``."""
     for count in range(len(all_steps), 0, -1):
         steps = _choose_steps(all_steps, count, settings.power_window)
-        if k * sum(power_step_cost(i, rollout_steps, settings) for i in steps) <= extra_rows:
+        if power_rows(k, steps, rollout_steps, settings) <= budget_rows:
             return steps
     return []
 

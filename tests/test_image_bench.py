@@ -58,7 +58,9 @@ def test_plans_use_whole_budget_at_16x():
     assert plan_method("fk", 16, settings).settings == {"num_particles": 16}
     assert plan_method("svdd", 16, settings).settings["num_candidates"] == 16
     assert svdd_rows(16, 19, settings) == 2 * (1 + 16 * 19)
-    assert plan_method("power-1step", 16, settings).settings["num_candidates"] == 15
+    power = plan_method("power-1step", 16, settings)
+    assert power.settings["num_candidates"] == 16
+    assert power.planned_rows == svdd_rows(16, 19, settings)
 
 
 def test_power_plan_guides_early_steps_when_short():
@@ -69,12 +71,12 @@ def test_power_plan_guides_early_steps_when_short():
 
 
 def test_spread_window_spaces_guided_steps():
-    plan = plan_method("power-1step", 2, make_settings(power_window="spread"))
+    plan = plan_method("power-rollout", 4, make_settings(power_window="spread"))
 
     steps = plan.settings["guided_steps"]
     assert steps[0] == 0
     assert steps[-1] == 18
-    assert len(steps) == 10
+    assert len(steps) == 8
 
 
 def test_settings_reject_unknown_method():
