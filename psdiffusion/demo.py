@@ -25,17 +25,27 @@ def _load_records(path: Path) -> list[dict]:
 
 
 def write_grid(records: list[dict], folder: Path, scale: int = 4) -> Path:
-    """Lay the base images over the power-sampled ones, seed by seed, upscaled for viewing."""
-    from PIL import Image
+    """Lay the base images over the power-sampled ones, seed by seed, upscaled and labelled."""
+    from PIL import Image, ImageDraw
 
     rows = [[r for r in records if r["method"] == method] for method in ("base", "power")]
     tiles = [[Image.open(folder / r["file"]) for r in row] for row in rows]
     width, height = tiles[0][0].size
-    grid = Image.new("RGB", (width * scale * len(tiles[0]), height * scale * len(tiles)), "white")
-    for row_index, row in enumerate(tiles):
-        for column, tile in enumerate(row):
-            big = tile.resize((width * scale, height * scale), Image.NEAREST)
-            grid.paste(big, (column * width * scale, row_index * height * scale))
+    tile_w, tile_h = width * scale, height * scale
+    margin, caption = 48, 24
+    grid = Image.new("RGB", (margin + tile_w * len(tiles[0]), (tile_h + caption) * len(tiles)), "white")
+    draw = ImageDraw.Draw(grid)
+    for row_index, (row, row_records) in enumerate(zip(tiles, rows)):
+        top = row_index * (tile_h + caption)
+        draw.text((4, top + tile_h // 2), row_records[0]["method"], fill="black")
+        for column, (tile, record) in enumerate(zip(row, row_records)):
+            left = margin + column * tile_w
+            grid.paste(tile.resize((tile_w, tile_h), Image.NEAREST), (left, top))
+            verdict = ""
+            if "judge_digit" in record:
+                verdict = f" judge {record['judge_digit']}"
+            draw.text((left + 4, top + tile_h + 4), f"seed {record['seed']} r={record['reward']:.0f}{verdict}",
+                      fill="black")
     path = folder / "grid.png"
     grid.save(path)
     return path
@@ -49,15 +59,16 @@ def write_reward_plot(records: list[dict], folder: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 3.5))
-    for record in records:
-        if record["method"] != "power" or not record.get("trace"):
-            continue
+    power_records = [r for r in records if r["method"] == "power" and r.get("trace")]
+    for index, record in enumerate(power_records):
+        color = f"C{index}"
         steps = [row["step"] for row in record["trace"]]
-        axes.plot(steps, [row["chosen_reward"] for row in record["trace"]], label=f"chosen, seed {record['seed']}")
-        axes.plot(steps, [row["mean_reward"] for row in record["trace"]], linestyle=":", color="grey")
+        axes.plot(steps, [row["chosen_reward"] for row in record["trace"]], color=color,
+                  label=f"chosen, seed {record['seed']}")
+        axes.plot(steps, [row["mean_reward"] for row in record["trace"]], linestyle=":", color=color)
     axes.set_xlabel("denoising step")
     axes.set_ylabel("CLIP reward of rollouts")
-    axes.set_title("Rollout reward by step (dotted: mean over all candidates)", fontsize=10)
+    axes.set_title("Rollout reward by step (dotted: mean over all candidates, same colour)", fontsize=9)
     axes.legend(fontsize=7)
     figure.tight_layout()
     path = folder / "reward_by_step.png"
@@ -83,7 +94,7 @@ def summarize(records: list[dict]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run the psdiffusion demo on the bundled models.")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
-    parser.add_argument("--num-images", type=int, default=4, help="seeds per method (default: 4)")
+    parser.add_argument("--num-images", type=int, default=8, help="seeds per method (default: 8)")
     parser.add_argument("--skip-text", action="store_true", help="leave out the SmolLM2 text decode")
     args = parser.parse_args(argv)
 

@@ -94,7 +94,7 @@ class ImageJob:
             pipe,
             scorer,
             judge=testbed if bundled else None,
-            steps=steps or defaults["num_inference_steps"],
+            steps=defaults["num_inference_steps"] if steps is None else steps,
             guidance_scale=defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
             preset=preset,
             device=device,
@@ -140,7 +140,14 @@ class ImageJob:
             return self.scorer(pixels.to(self.device), [prompt] * pixels.shape[0]).float().cpu()
 
     def _base(self, prompt: str, seed: int) -> ImageResult:
-        output = self._call(prompt, torch.Generator(self.device).manual_seed(seed), guided_steps=[])
+        # The pipeline warns when no step is guided; for the base method that is the intent.
+        pipeline_logger = logging.getLogger(type(self.pipe).__module__)
+        level = pipeline_logger.level
+        pipeline_logger.setLevel(logging.ERROR)
+        try:
+            output = self._call(prompt, torch.Generator(self.device).manual_seed(seed), guided_steps=[])
+        finally:
+            pipeline_logger.setLevel(level)
         pixels = output.images[0].cpu()
         reward = float(self._score(pixels[None], prompt)[0])
         return ImageResult(_to_pil(pixels), pixels, reward, output.budget.unet_rows)

@@ -55,3 +55,10 @@ def test_same_seed_gives_same_json(tiny_loader, capsys):
 def test_bad_arguments_exit_with_message(tiny_loader, argv, message):
     with pytest.raises(SystemExit, match=message):
         root_cli.main(["text", *argv])
+
+
+def test_missing_model_folder_gives_clear_error():
+    from psdiffusion import cli
+
+    with pytest.raises(SystemExit, match="model folder not found"):
+        cli.main(["text", "--prompt", "Hi", "--model", "/nonexistent/model-folder"])

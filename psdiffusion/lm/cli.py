@@ -87,7 +87,10 @@ def main(args) -> int:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
 
-    model, tokenizer = load_model(args.model)
+    try:
+        model, tokenizer = load_model(args.model)
+    except (FileNotFoundError, OSError) as error:
+        raise SystemExit(f"error: {error}") from None
     has_template = getattr(tokenizer, "chat_template", None) is not None
     prompt = args.prompt if args.raw or not has_template else [{"role": "user", "content": args.prompt}]
     generator = torch.Generator(device=model_device(model)).manual_seed(args.seed)

@@ -50,9 +50,19 @@ def load_model(path_or_repo: Optional[str] = None, dtype=None):
         folder, gguf_file = os.path.dirname(os.path.abspath(path_or_repo)), os.path.basename(path_or_repo)
     else:
         folder, gguf_file = str(path_or_repo), None
+        looks_like_path = folder.startswith((".", "/", "~")) or folder.count("/") > 1
+        if looks_like_path and not os.path.isdir(folder):
+            raise FileNotFoundError(f"model folder not found: {folder}; pass an existing folder, a .gguf file, "
+                                    "or a hub id already in the local cache")
 
     extra = {} if gguf_file is None else {"gguf_file": gguf_file}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(f"could not load a causal LM from {path_or_repo!r}: {first_line}. Pass a local model "
+                      "folder, a valid .gguf file, or a hub id already in the local cache (HF_HUB_OFFLINE=1 "
+                      "blocks downloads)") from error
     model.eval()
     return model, tokenizer

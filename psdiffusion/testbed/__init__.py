@@ -1,6 +1,6 @@
 """Miniature models trained on scikit-learn's handwritten digits, shipped for tests and benchmarks.
 
-Four models live under ``assets/``, each reproducible with a script in ``samples/testbed/``:
+Three model folders live under ``assets/``, each reproducible with a script in ``samples/testbed/``:
 
 - ``digits-sd/``: a Stable Diffusion-style diffusers folder (VAE to 8x8x4 latents,
   text-conditioned UNet, tiny CLIP text encoder and tokenizer, DDIM scheduler)
