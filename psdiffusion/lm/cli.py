@@ -87,6 +87,11 @@ def main(args) -> int:
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
 
+    if not getattr(args, "verbose", False):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        # NOTE: the GGUF loader's own tqdm bar (transformers 5.25) ignores this switch and still prints.
     try:
         model, tokenizer = load_model(args.model)
     except (FileNotFoundError, OSError) as error:
