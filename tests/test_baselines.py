@@ -2,33 +2,22 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 
-from psdiffusion.pipelines import PowerSamplingStableDiffusionPipeline
 from psdiffusion.pipelines.baselines import _ParticleState, fk_resampling_steps, sample_fk_steering, sample_svdd
 from psdiffusion.scorers import CallableScorer
-from test_pipeline_sd import brightness_scorer, favour_index, tiny_sd_components
+from test_pipeline_sd import brightness_scorer, favour_index, tiny_ddim_pipe
 
 STEPS = 4
 GUIDANCE = 2.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Run on one thread: tiny models gain nothing from more, and a shared CPU makes torch threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    components = tiny_sd_components(tmp_path_factory.mktemp("tokenizer"))
-    pipe = PowerSamplingStableDiffusionPipeline(**components, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_ddim_pipe(tmp_path_factory.mktemp("tokenizer"))
     return pipe
 
 

@@ -6,7 +6,6 @@ import types
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 from psdiffusion import image_bench
 from psdiffusion.image_bench import (
@@ -19,19 +18,12 @@ from psdiffusion.image_bench import (
     svdd_rows,
     write_report,
 )
-from psdiffusion.pipelines import PowerSamplingStableDiffusionPipeline
-from test_pipeline_sd import brightness_scorer, tiny_sd_components
+from test_pipeline_sd import brightness_scorer, tiny_ddim_pipe
 
 PROMPTS = ("a seven", "a one")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Run on one thread: tiny models gain nothing from more, and a shared CPU makes torch threads spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_settings(**changes):
@@ -109,11 +101,7 @@ def fake_judge():
 
 @pytest.fixture(scope="module")
 def tiny_context(tmp_path_factory):
-    components = tiny_sd_components(tmp_path_factory.mktemp("tokenizer"))
-    pipe = PowerSamplingStableDiffusionPipeline(**components, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_ddim_pipe(tmp_path_factory.mktemp("tokenizer"))
     return BenchContext(pipe, brightness_scorer(), fake_judge(), torch.device("cpu"))
 
 

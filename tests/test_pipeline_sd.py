@@ -39,6 +39,15 @@ def write_tiny_tokenizer(folder):
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
 
 
+def tiny_ddim_pipe(tokenizer_folder):
+    """A tiny power-sampling pipeline with an SD-style DDIM scheduler and no progress bar."""
+    pipe = PowerSamplingStableDiffusionPipeline(**tiny_sd_components(tokenizer_folder), requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def tiny_sd_components(tokenizer_folder, scheduler=None):
     """Seeded SD components: 2-block UNet (32, 64), 2-layer CLIP text encoder of width 32, 32x32 images."""
     torch.manual_seed(0)
