@@ -61,7 +61,7 @@ class TabularModel:
         return log_p
 
     def sequences(self) -> list[tuple[int, ...]]:
-        """Every complete sequence: length H without EOS, or ending at the first EOS."""
+        """List every complete sequence: length H without EOS, or ending at the first EOS."""
         complete = []
         for length in range(1, self.horizon + 1):
             for seq in itertools.product(range(self.vocab_size), repeat=length):
@@ -231,7 +231,7 @@ class ToyAdapter:
 
 
 def prefix_state(model: TabularModel, prefixes: list[tuple[int, ...]], repeats: int = 1) -> ToyState:
-    """A ToyState holding each prefix ``repeats`` times in a row (prefix-major order)."""
+    """Build a ToyState that contains each prefix ``repeats`` times in a row (prefix-major order)."""
     state = ToyState.empty(len(prefixes) * repeats, model.horizon)
     for i, prefix in enumerate(prefixes):
         rows = slice(i * repeats, (i + 1) * repeats)
@@ -241,7 +241,7 @@ def prefix_state(model: TabularModel, prefixes: list[tuple[int, ...]], repeats: 
 
 
 def open_prefixes(model: TabularModel) -> list[tuple[int, ...]]:
-    """Every prefix at which a decision is taken: shorter than H and not ended by EOS."""
+    """List every prefix at which a decision is taken: shorter than H and not ended by EOS."""
     prefixes = []
     for length in range(model.horizon):
         for seq in itertools.product(range(model.vocab_size), repeat=length):
@@ -280,7 +280,7 @@ def expected_decision_probs(model: TabularModel, config: PowerSamplingConfig, re
 
 def sampler_distribution(model: TabularModel, config: PowerSamplingConfig, repeats: int,
                          generator: Optional[torch.Generator] = None) -> dict:
-    """The sampler's distribution over whole sequences: the product of expected decision probabilities."""
+    """Compute the sampler's distribution over whole sequences as the product of expected decision probabilities."""
     decision_probs = expected_decision_probs(model, config, repeats, generator)
     dist = {}
     for seq in model.sequences():

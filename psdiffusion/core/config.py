@@ -31,7 +31,7 @@ class PowerSamplingConfig:
         estimator: ``"plain"`` (plug-in normalised ratio) or ``"jackknife"``
             (leave-one-rollout-out bias correction of the normalised probabilities).
         rollout_proposal: ``"base"`` draws rollouts from p at temperature 1 and
-            weights them by ``p(future)^(alpha-1)``; ``"tempered"`` draws them at
+            weights them by ``p(future)^(alpha-1)``. ``"tempered"`` draws them at
             temperature 1/alpha and weights them by the product of per-step
             normalisers ``Z_s = sum_v p(v|h_s)^alpha``.
         selection: ``"sample"`` draws from the reweighted distribution,

@@ -84,7 +84,7 @@ class Budget:
 
 @dataclass
 class DecisionTrace:
-    """What one decision saw and chose, on the CPU. Shapes use B rows, K candidates, M rollouts."""
+    """Record of one decision (inputs, weights and choice) on the CPU. Shapes use B rows, K candidates, M rollouts."""
 
     index: int
     log_p: torch.Tensor  # (B, K)
@@ -101,7 +101,7 @@ class DecisionTrace:
 
 
 class Adapter(Protocol):
-    """What a model must provide for the decision loop. All calls are batched over B rows."""
+    """Interface a model provides to the decision loop. All calls are batched over B rows."""
 
     def propose(self, state, config: PowerSamplingConfig, generator, budget: Budget) -> Proposal: ...
 
